@@ -1,0 +1,66 @@
+"""One Settings object for the API, the workers and the CLI. Nothing else reads os.environ."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DISTILLERY_", extra="ignore")
+
+    data_dir: Path = Field(Path("distillery-data"), description="Where the embedded default keeps its SQLite file, artifacts and broker folders.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file under data_dir. Production: postgresql+psycopg://...")
+    broker_url: str | None = Field(None, description="Celery broker URL; default: kombu's filesystem transport under data_dir (no server). Production: redis://...")
+    storage_dir: Path | None = Field(None, description="Folder of the content-addressed file store; default: data_dir/storage.")
+    max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Largest accepted upload (413 past it).")
+    max_dataset_array_bytes: int = Field(4 * 1024**3, gt=0, description="Largest total uncompressed size of a dataset's arrays.")
+    max_attempts: int = Field(3, ge=1, le=20, description="Attempts per job before it fails with attempts_exhausted / worker_lost.")
+    job_time_limit_s: float = Field(3600.0, gt=0, description="Hard wall-time limit of one job attempt (failed with timeout past it).")
+    job_memory_limit_bytes: int = Field(8 * 1024**3, gt=0, description="Hard RSS limit of a job's child process (failed with out_of_memory past it).")
+    heartbeat_interval_s: float = Field(2.0, gt=0, description="How often a worker records that its running job is alive.")
+    worker_lost_after_s: float = Field(30.0, gt=0, description="A running job whose heartbeat is older than this is re-queued by the reaper.")
+    reaper_interval_s: float = Field(5.0, gt=0, description="How often each worker looks for lost or undispatched jobs.")
+    redispatch_after_s: float = Field(120.0, gt=0, description="A queued job not claimed for this long is sent to the broker again.")
+    broker_poll_interval_s: float = Field(0.1, gt=0, description="Polling interval of the embedded (filesystem) broker.")
+    worker_queues: str = Field("auto", description="Queues a worker consumes: 'auto' (gpu when CUDA is present, else cpu) or a comma list.")
+    worker_concurrency: int = Field(1, ge=1, description="Jobs one worker runs at once.")
+    api_workers: int = Field(2, ge=1, description="uvicorn processes of `distillery api`.")
+    default_owner: str = Field("default", description="Owner of every resource until API keys arrive.")
+    log_level: str = Field("INFO", description="Log level of the API and the workers.")
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> "Settings":
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'distillery.db'}"
+        if self.broker_url is None:
+            self.broker_url = "filesystem://"
+        if self.storage_dir is None:
+            self.storage_dir = self.data_dir / "storage"
+        self.storage_dir = self.storage_dir.expanduser().resolve()
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem")
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """Longer than the longest job, so Redis never redelivers a running job to a second worker."""
+        return int(self.job_time_limit_s * 2 + 600)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,63 @@
+"""Error hierarchy. Services raise these; one handler renders them as {"error": {code, message, detail}}."""
+from __future__ import annotations
+
+from typing import Any
+
+
+class DistilleryError(Exception):
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None, detail: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+        self.detail = detail or {}
+
+
+class NotFound(DistilleryError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(DistilleryError):
+    status_code = 409
+    code = "conflict"
+
+
+class InvalidTransition(Conflict):
+    code = "invalid_transition"
+
+
+class PayloadTooLarge(DistilleryError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class Unprocessable(DistilleryError):
+    status_code = 422
+    code = "unprocessable"
+
+
+class UnsupportedModel(Unprocessable):
+    code = "unsupported_model"
+
+
+class ServiceUnavailable(DistilleryError):
+    status_code = 503
+    code = "service_unavailable"
+
+
+def error_body(code: str, message: str, detail: Any = None) -> dict:
+    return {"error": {"code": code, "message": message, "detail": detail if detail is not None else {}}}
+
+
+def error_responses(*errors: type[DistilleryError]) -> dict:
+    """OpenAPI `responses=` entries for the errors an endpoint may raise."""
+    from app.core.schemas import ErrorResponse
+
+    out: dict[int, dict] = {}
+    for err in errors:
+        out.setdefault(err.status_code, {"model": ErrorResponse, "description": err.code})
+    return out

@@ -1,0 +1,145 @@
+"""Streaming multipart uploads: parsed as they arrive, written to a temp file while hashing, bounded in size.
+
+The request body is never held in memory (FastAPI's UploadFile spools the whole file first; see FACTS.md).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from app.core.errors import DistilleryError, PayloadTooLarge, Unprocessable
+from app.core.storage import LocalStorage
+
+MAX_TEXT_FIELD = 4096
+
+
+class UnsupportedMediaType(DistilleryError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class UploadAborted(DistilleryError):
+    status_code = 400
+    code = "upload_incomplete"
+
+
+@dataclass
+class ReceivedUpload:
+    temp_path: Path
+    sha256: str
+    size_bytes: int
+    filename: str | None
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+class _Receiver:
+    def __init__(self, storage: LocalStorage, file_field: str, max_bytes: int):
+        self.storage, self.file_field, self.max_bytes = storage, file_field, max_bytes
+        self.fields: dict[str, str] = {}
+        self.file = None
+        self.temp: Path | None = None
+        self.hasher = hashlib.sha256()
+        self.size = 0
+        self.filename: str | None = None
+        self.files_seen = 0
+        self._headers: dict[bytes, bytes] = {}
+        self._hname = b""
+        self._hval = b""
+        self._part: str | None = None
+        self._text = bytearray()
+        self.error: DistilleryError | None = None
+
+    # python-multipart callbacks
+    def on_part_begin(self):
+        self._headers, self._part, self._text = {}, None, bytearray()
+
+    def on_header_field(self, data, start, end):
+        self._hname += data[start:end]
+
+    def on_header_value(self, data, start, end):
+        self._hval += data[start:end]
+
+    def on_header_end(self):
+        self._headers[self._hname.lower()] = self._hval
+        self._hname, self._hval = b"", b""
+
+    def on_headers_finished(self):
+        _, opts = parse_options_header(self._headers.get(b"content-disposition", b""))
+        name = opts.get(b"name", b"").decode("utf-8", "replace")
+        self._part = name
+        if name == self.file_field:
+            self.files_seen += 1
+            if self.files_seen > 1:
+                raise Unprocessable(f"send exactly one '{self.file_field}' part", code="invalid_upload")
+            fname = opts.get(b"filename")
+            self.filename = fname.decode("utf-8", "replace")[:255] if fname else None
+            self.file, self.temp = self.storage.new_temp()
+
+    def on_part_data(self, data, start, end):
+        chunk = data[start:end]
+        if self._part == self.file_field:
+            self.size += len(chunk)
+            if self.size > self.max_bytes:
+                raise PayloadTooLarge(f"upload exceeds the limit of {self.max_bytes} bytes",
+                                      detail={"limit_bytes": self.max_bytes})
+            self.hasher.update(chunk)
+            self.file.write(chunk)
+        else:
+            self._text += chunk
+            if len(self._text) > MAX_TEXT_FIELD:
+                raise Unprocessable(f"form field '{self._part}' is longer than {MAX_TEXT_FIELD} bytes",
+                                    code="invalid_upload")
+
+    def on_part_end(self):
+        if self._part != self.file_field and self._part:
+            self.fields[self._part] = self._text.decode("utf-8", "replace")
+        self._part = None
+
+    def close(self):
+        if self.file is not None and not self.file.closed:
+            self.file.close()
+
+    def discard(self):
+        self.close()
+        if self.temp is not None:
+            self.temp.unlink(missing_ok=True)
+
+
+async def receive_upload(request: Request, storage: LocalStorage, *, max_bytes: int,
+                         file_field: str = "file") -> ReceivedUpload:
+    ctype, opts = parse_options_header(request.headers.get("content-type", ""))
+    if ctype != b"multipart/form-data" or b"boundary" not in opts:
+        raise UnsupportedMediaType(f"send multipart/form-data with a '{file_field}' part")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes + 64 * 1024:
+        raise PayloadTooLarge(f"upload of {declared} bytes exceeds the limit of {max_bytes} bytes",
+                              detail={"limit_bytes": max_bytes, "content_length": int(declared)})
+    rx = _Receiver(storage, file_field, max_bytes)
+    callbacks = {name: getattr(rx, name) for name in (
+        "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value", "on_header_end",
+        "on_headers_finished")}
+    parser = MultipartParser(opts[b"boundary"], callbacks)
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+        rx.close()
+        if rx.temp is None:
+            raise Unprocessable(f"the form has no '{file_field}' part", code="missing_file")
+        if parser.state != MultipartState.END:
+            raise UploadAborted("the multipart body ended before its closing boundary")
+        return ReceivedUpload(rx.temp, rx.hasher.hexdigest(), rx.size, rx.filename, rx.fields)
+    except ClientDisconnect:
+        rx.discard()
+        raise UploadAborted("the client disconnected before the upload finished")
+    except MultipartParseError as exc:
+        rx.discard()
+        raise Unprocessable(f"malformed multipart body: {exc}", code="invalid_upload") from None
+    except BaseException:
+        rx.discard()
+        raise

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.deps import Services
+from app.core.errors import NotFound, Unprocessable
+from app.core.tables import DatasetRow
+from app.core.uploads import ReceivedUpload
+from app.datasets.schemas import DatasetOut
+from app.datasets.validate import DatasetRejected, validate_npz
+from app.models.service import clean_name, forget_content, store_received
+
+
+def create_from_upload(services: Services, owner: str, received: ReceivedUpload) -> DatasetOut:
+    try:
+        name = clean_name(received.fields.get("name"), received.filename or "dataset")
+        try:
+            info = validate_npz(received.temp_path, services.settings.max_dataset_array_bytes)
+        except DatasetRejected as exc:
+            raise Unprocessable(exc.message, code=exc.code, detail=exc.detail) from None
+        store_received(services, received)
+    finally:
+        received.temp_path.unlink(missing_ok=True)
+    with services.db.session() as session:
+        row = DatasetRow(owner=owner, name=name, size_bytes=received.size_bytes, sha256=received.sha256, info=info)
+        try:
+            session.add(row)
+            session.commit()
+        except BaseException:
+            session.rollback()
+            forget_content(services, session, received.sha256)
+            raise
+        return to_out(row)
+
+
+def to_out(row: DatasetRow) -> DatasetOut:
+    return DatasetOut(id=row.id, name=row.name, size_bytes=row.size_bytes, sha256=row.sha256, owner=row.owner,
+                      created_at=row.created_at, **row.info)
+
+
+def get(session: Session, owner: str, dataset_id: str) -> DatasetRow:
+    row = session.scalars(select(DatasetRow).where(DatasetRow.id == dataset_id, DatasetRow.owner == owner)).one_or_none()
+    if row is None:
+        raise NotFound(f"dataset {dataset_id} not found", code="dataset_not_found")
+    return row
+
+
+def list_page(session: Session, owner: str, cursor: str | None, limit: int) -> list[DatasetRow]:
+    stmt = select(DatasetRow).where(DatasetRow.owner == owner)
+    if cursor:
+        stmt = stmt.where(DatasetRow.id < cursor)
+    return list(session.scalars(stmt.order_by(DatasetRow.id.desc()).limit(limit)))

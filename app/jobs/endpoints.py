@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.core.deps import OwnerDep, ServicesDep, SessionDep
+from app.core.errors import Conflict, InvalidTransition, NotFound, Unprocessable, error_responses
+from app.core.ids import ID_PATTERN
+from app.core.pagination import CursorQuery, LimitQuery, next_cursor
+from app.core.schemas import Page
+from app.jobs import repository as repo
+from app.jobs import service
+from app.jobs.schemas import JobCreate, JobEventOut, JobOut
+from app.jobs.states import TERMINAL, JobStatus
+
+router = APIRouter(tags=["jobs"])
+JobId = Path(pattern=ID_PATTERN, description="A job id.")
+SSE_POLL_S = 0.25
+SSE_KEEPALIVE_S = 15.0
+
+
+@router.post("/jobs", status_code=202, response_model=JobOut,
+             responses=error_responses(NotFound, Conflict, Unprocessable),
+             summary="Submit a job (committed, then enqueued by id)")
+def create_job(body: JobCreate, response: Response, services: ServicesDep, session: SessionDep, owner: OwnerDep,
+               idempotency_key: Annotated[str | None, Header(max_length=255, description=(
+                   "Repeat a request safely: the same key returns the same job; a different body is a 409."))] = None):
+    job, created = service.create(services, session, owner, body, idempotency_key)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return job
+
+
+@router.get("/jobs", response_model=Page[JobOut], summary="List jobs, newest first")
+def list_jobs(session: SessionDep, owner: OwnerDep, cursor: CursorQuery = None, limit: LimitQuery = 50,
+              status: JobStatus | None = None, kind: Annotated[str | None, Query(max_length=16)] = None,
+              model_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None):
+    rows = repo.list_page(session, owner, status=status, kind=kind, model_id=model_id, cursor=cursor, limit=limit)
+    return Page[JobOut](items=[service.to_out(r) for r in rows], next_cursor=next_cursor(rows, limit))
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=error_responses(NotFound))
+def get_job(session: SessionDep, owner: OwnerDep, job_id: str = JobId):
+    return service.to_out(service.get(session, owner, job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=error_responses(NotFound, InvalidTransition),
+             summary="Cancel: a queued job at once, a running one within a few seconds")
+def cancel_job(session: SessionDep, owner: OwnerDep, job_id: str = JobId):
+    return service.cancel(session, owner, job_id)
+
+
+def _poll_events(services, owner: str, job_id: str, after: int):
+    with services.db.session() as session:
+        job = service.get(session, owner, job_id)
+        return job.status, repo.events_after(session, job_id, after)
+
+
+@router.get("/jobs/{job_id}/events", responses={**error_responses(NotFound), 200: {
+    "description": "Server-Sent Events: one `status` event per change (id = sequence number, data = JobEventOut "
+                   "JSON), ending after a terminal state. Reconnect with Last-Event-ID to resume.",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}}}}, response_class=StreamingResponse)
+async def job_events(request: Request, services: ServicesDep, owner: OwnerDep, job_id: str = JobId,
+                     last_event_id: Annotated[str | None, Header(max_length=20)] = None):
+    after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    status, first = await run_in_threadpool(_poll_events, services, owner, job_id, after)  # 404 before streaming
+
+    async def stream():
+        nonlocal after, status
+        events, idle = first, 0.0
+        while True:
+            for ev in events:
+                data = JobEventOut(seq=ev.seq, status=ev.status, progress=ev.progress, stage=ev.stage,
+                                   at=ev.created_at).model_dump(mode="json")
+                yield f"id: {ev.seq}\nevent: status\ndata: {orjson.dumps(data).decode()}\n\n"
+                after = ev.seq
+            if status in TERMINAL and not events:
+                return
+            if events:
+                idle = 0.0
+            elif idle >= SSE_KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                idle = 0.0
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(SSE_POLL_S)
+            idle += SSE_POLL_S
+            status, events = await run_in_threadpool(_poll_events, services, owner, job_id, after)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,154 @@
+"""Jobs: create (validated, idempotent), dispatch after commit, cancel, read, stream events."""
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import orjson
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core.broker import send_run_job
+from app.core.db import utcnow
+from app.core.deps import Services
+from app.core.errors import Conflict, InvalidTransition, NotFound, Unprocessable
+from app.core.tables import JobRow, WorkerRow
+from app.datasets import service as datasets
+from app.jobs import repository as repo
+from app.jobs.schemas import JobCreate, JobError, JobOut
+from app.jobs.states import JobStatus
+from app.models import service as models
+
+log = logging.getLogger("distillery.jobs")
+
+# Which model formats each (kind, method) accepts today.
+SUPPORTED_FORMATS: dict[tuple[str, str], frozenset[str]] = {
+    ("quantize", "dynamic_int8"): frozenset({"onnx"}),
+    ("quantize", "static_int8"): frozenset({"onnx"}),
+}
+NEEDS_DATASET = {("quantize", "static_int8")}
+
+
+def request_digest(body: JobCreate) -> str:
+    return hashlib.sha256(orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def to_out(row: JobRow) -> JobOut:
+    return JobOut(
+        id=row.id, kind=row.kind, status=row.status, model_id=row.model_id, dataset_id=row.dataset_id,
+        config=row.config, device_requested=row.device_requested, progress=row.progress, stage=row.stage,
+        attempts=row.attempts, max_attempts=row.max_attempts,
+        error=JobError(code=row.error_code, message=row.error_message or "") if row.error_code else None,
+        metrics=row.metrics, artifact_id=row.artifact_id, worker=row.worker, device=row.device, owner=row.owner,
+        created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at,
+        updated_at=row.updated_at)
+
+
+def _check_dataset_fits(model_info: dict, dataset_info: dict) -> None:
+    model_inputs = [i["name"] for i in model_info.get("inputs", [])]
+    given = set(dataset_info.get("inputs", []))
+    if len(model_inputs) == 1 and given == {"x"}:
+        return
+    missing = [n for n in model_inputs if n not in given]
+    if missing:
+        raise Unprocessable(
+            f"the dataset has no array for model input(s) {missing}; name the arrays after the inputs "
+            f"{model_inputs}" + (" or use 'x'" if len(model_inputs) == 1 else ""),
+            code="dataset_mismatch", detail={"model_inputs": model_inputs, "dataset_inputs": sorted(given)})
+
+
+def _resolve_queue(session: Session, services: Services, device: str) -> str:
+    if device == "cuda":
+        return "gpu"
+    if device == "cpu":
+        return "cpu"
+    live_gpu = session.scalar(select(WorkerRow.name).where(
+        WorkerRow.queues.contains("gpu"),
+        WorkerRow.last_seen_at > repo.cutoff(services.settings.worker_lost_after_s)).limit(1))
+    return "gpu" if live_gpu else "cpu"
+
+
+def create(services: Services, session: Session, owner: str, body: JobCreate,
+           idempotency_key: str | None) -> tuple[JobOut, bool]:
+    """Returns (job, created). A repeated Idempotency-Key returns the first job; a different body is a 409."""
+    digest = request_digest(body)
+    if idempotency_key:
+        existing = repo.get_by_idempotency_key(session, owner, idempotency_key)
+        if existing is not None:
+            return _replay(existing, digest), False
+    model = models.get(session, owner, body.model_id)
+    method = body.config.method
+    allowed = SUPPORTED_FORMATS.get((body.kind, method), frozenset())
+    if model.format not in allowed:
+        raise Unprocessable(f"{body.kind}/{method} does not support {model.format} models (supported: "
+                            f"{sorted(allowed)})", code="unsupported_model_format",
+                            detail={"format": model.format, "supported": sorted(allowed)})
+    if body.dataset_id:
+        dataset = datasets.get(session, owner, body.dataset_id)
+        _check_dataset_fits(model.info or {}, dataset.info or {})
+    elif (body.kind, method) in NEEDS_DATASET:
+        raise Unprocessable(f"{body.kind}/{method} needs a dataset_id (calibration data)", code="dataset_required",
+                            detail={"field": "dataset_id"})
+    queue = _resolve_queue(session, services, body.device)
+    row = JobRow(owner=owner, kind=body.kind, status=JobStatus.queued.value, model_id=model.id,
+                 dataset_id=body.dataset_id, config=body.config.model_dump(mode="json"),
+                 device_requested=body.device, queue=queue, progress=0.0,
+                 stage="queued" if queue == "cpu" else "queued for a GPU worker",
+                 max_attempts=services.settings.max_attempts, idempotency_key=idempotency_key,
+                 request_sha256=digest, dispatched_at=utcnow())
+    repo.add(session, row)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        existing = repo.get_by_idempotency_key(session, owner, idempotency_key) if idempotency_key else None
+        if existing is None:
+            raise
+        return _replay(existing, digest), False
+    dispatch(services, session, row)
+    return to_out(row), True
+
+
+def _replay(existing: JobRow, digest: str) -> JobOut:
+    if existing.request_sha256 != digest:
+        raise Conflict("this Idempotency-Key was used with a different request body", code="idempotency_key_reused",
+                       detail={"job_id": existing.id})
+    return to_out(existing)
+
+
+def dispatch(services: Services, session: Session, row: JobRow) -> None:
+    """Send the job id to the broker, after the row is committed. A failed send is redone by the reaper."""
+    try:
+        send_run_job(services.celery, row.id, row.queue)
+    except Exception as exc:  # noqa: BLE001 - the database keeps the job; the reaper re-dispatches it
+        log.warning("could not enqueue job %s (%s); it stays queued and will be re-dispatched", row.id, exc)
+        repo.mark_dispatched(session, row.id, dispatched=False)
+        session.commit()
+
+
+def get(session: Session, owner: str, job_id: str) -> JobRow:
+    row = repo.get(session, job_id, owner)
+    if row is None:
+        raise NotFound(f"job {job_id} not found", code="job_not_found")
+    return row
+
+
+def cancel(session: Session, owner: str, job_id: str) -> JobOut:
+    row = get(session, owner, job_id)
+    if row.status == JobStatus.queued:
+        done = repo.cancel_queued(session, job_id)
+        if done is not None:
+            session.commit()
+            return to_out(done)
+        row = get(session, owner, job_id)  # it was claimed meanwhile
+    if row.status == JobStatus.running:
+        done = repo.request_cancel(session, job_id)
+        session.commit()
+        if done is not None:
+            return to_out(done)
+        row = get(session, owner, job_id)
+    if row.status in (JobStatus.queued, JobStatus.running):  # raced twice; the client may retry
+        raise Conflict("the job changed state while cancelling; retry", code="retry")
+    raise InvalidTransition(f"job {job_id} is already {row.status}; only queued or running jobs can be cancelled",
+                            detail={"status": row.status})

@@ -1,0 +1,96 @@
+"""create_app(): routers, error handlers, lifespan."""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.core.config import Settings, get_settings
+from app.core.deps import Services
+from app.core.errors import DistilleryError, error_body
+
+log = logging.getLogger("distillery.api")
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
+               415: "unsupported_media_type", 416: "range_not_satisfiable", 429: "too_many_requests"}
+
+
+def _validation_detail(exc: RequestValidationError) -> list[dict]:
+    out = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",) or len(err.get("loc", ())) == 1]
+        # discriminated unions add the tag to the path (body -> quantize -> config); drop it for readability
+        out.append({"field": ".".join(loc), "message": err.get("msg", ""), "type": err.get("type", "")})
+    return out
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(DistilleryError)
+    async def _domain(_: Request, exc: DistilleryError):
+        return JSONResponse(error_body(exc.code, exc.message, exc.detail), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        errors = _validation_detail(exc)
+        first = errors[0] if errors else {"field": "", "message": "invalid request"}
+        if first.get("type") == "json_invalid":
+            message = "the request body is not valid JSON"
+        else:
+            message = f"{first['field'] or 'request'}: {first['message']}"
+        return JSONResponse(error_body("validation_error", message, {"errors": errors}), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else code
+        return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(OperationalError)
+    async def _db_down(_: Request, exc: OperationalError):
+        log.warning("database unavailable: %s", exc.orig)
+        return JSONResponse(error_body("database_unavailable", "the database is unavailable; retry shortly"),
+                              status_code=503, headers={"Retry-After": "2"})
+
+    @app.exception_handler(DBAPIError)
+    async def _db_error(_: Request, exc: DBAPIError):
+        log.exception("database error")
+        return JSONResponse(error_body("database_error", "the database rejected the request"), status_code=503,
+                              headers={"Retry-After": "2"})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal_error", "an unexpected error occurred"), status_code=500)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        services = Services.build(settings)
+        services.storage.clean_temp(older_than_s=3600)
+        app.state.services = services
+        yield
+        services.close()
+
+    from app.artifacts.endpoints import router as artifacts_router
+    from app.datasets.endpoints import router as datasets_router
+    from app.jobs.endpoints import router as jobs_router
+    from app.models.endpoints import router as models_router
+    from app.system.endpoints import router as system_router
+
+    app = FastAPI(title="Distillery", version="1.0.0", lifespan=lifespan,
+                  description="Model compression as a service: upload a model, run a quantize/prune/distill job "
+                              "on a worker, download the measured, compressed artifact.")
+    install_error_handlers(app)
+    for router in (models_router, datasets_router, jobs_router, artifacts_router):
+        app.include_router(router, prefix="/v1")
+    app.include_router(system_router)
+    return app

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Path, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from app.core.deps import OwnerDep, ServicesDep, SessionDep
+from app.core.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable, error_responses
+from app.core.ids import ID_PATTERN
+from app.core.pagination import CursorQuery, LimitQuery, next_cursor
+from app.core.schemas import Page
+from app.core.uploads import UnsupportedMediaType, UploadAborted, receive_upload
+from app.models import repository as repo
+from app.models import service
+from app.models.schemas import ModelOut
+
+router = APIRouter(tags=["models"])
+ModelId = Path(pattern=ID_PATTERN, description="A model id.")
+
+MULTIPART_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary", "description": "ONNX or TorchScript file."},
+                   "name": {"type": "string", "maxLength": 255}}}}}}}
+
+
+@router.post("/models", status_code=201, response_model=ModelOut, openapi_extra=MULTIPART_BODY,
+             responses=error_responses(UploadAborted, PayloadTooLarge, UnsupportedMediaType, Unprocessable),
+             summary="Upload a model (streamed, hashed, inspected)")
+async def upload_model(request: Request, services: ServicesDep, owner: OwnerDep) -> ModelOut:
+    received = await receive_upload(request, services.storage, max_bytes=services.settings.max_upload_bytes)
+    return await run_in_threadpool(service.create_from_upload, services, owner, received)
+
+
+@router.get("/models", response_model=Page[ModelOut])
+def list_models(session: SessionDep, owner: OwnerDep, cursor: CursorQuery = None, limit: LimitQuery = 50):
+    rows = repo.list_page(session, owner, cursor, limit)
+    return Page[ModelOut](items=[service.to_out(r) for r in rows], next_cursor=next_cursor(rows, limit))
+
+
+@router.get("/models/{model_id}", response_model=ModelOut, responses=error_responses(NotFound))
+def get_model(session: SessionDep, owner: OwnerDep, model_id: str = ModelId) -> ModelOut:
+    return service.to_out(service.get(session, owner, model_id))
+
+
+@router.delete("/models/{model_id}", status_code=204, responses=error_responses(NotFound, Conflict))
+def delete_model(services: ServicesDep, session: SessionDep, owner: OwnerDep, model_id: str = ModelId) -> Response:
+    service.delete(services, session, owner, model_id)
+    return Response(status_code=204)

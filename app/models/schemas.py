@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class TensorSpecOut(BaseModel):
+    name: str
+    dtype: str
+    shape: list[int | str | None]
+
+
+class InspectionOut(BaseModel):
+    status: str = Field("done", description="'done': inspection ran at upload time and its results are below.")
+    inputs: list[TensorSpecOut] = []
+    outputs: list[TensorSpecOut] = []
+    params: int | None = Field(None, description="Number of stored weight elements (initializers / tensors).")
+    details: dict[str, Any] = {}
+
+
+class ModelOut(BaseModel):
+    id: str
+    name: str
+    format: str = Field(description="Detected from the content: 'onnx' or 'torchscript'.")
+    size_bytes: int
+    sha256: str
+    owner: str
+    created_at: datetime
+    inspection: InspectionOut

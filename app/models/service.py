@@ -1,0 +1,80 @@
+"""Model uploads: inspect the received file, store it by content, record the row."""
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from app.core.deps import Services
+from app.core.errors import Conflict, NotFound, Unprocessable
+from app.core.tables import ModelRow
+from app.core.uploads import ReceivedUpload
+from app.jobs import repository as jobs_repo
+from app.models import repository as repo
+from app.models.inspect import ModelRejected, inspect_model
+from app.models.schemas import InspectionOut, ModelOut
+
+
+def clean_name(raw: str | None, fallback: str) -> str:
+    name = (raw or "").strip() or fallback
+    if len(name) > 255:
+        raise Unprocessable("name: at most 255 characters", code="validation_error", detail={"field": "name"})
+    return name
+
+
+def store_received(services: Services, received: ReceivedUpload) -> None:
+    services.storage.commit_temp(received.temp_path, received.sha256)
+
+
+def forget_content(services: Services, session: Session, sha256: str) -> None:
+    """Delete stored content that no row references any more (after a failed insert or a delete)."""
+    if not repo.content_referenced(session, sha256):
+        services.storage.delete(sha256)
+
+
+def create_from_upload(services: Services, owner: str, received: ReceivedUpload) -> ModelOut:
+    try:
+        name = clean_name(received.fields.get("name"), received.filename or "model")
+        try:
+            info = inspect_model(received.temp_path)
+        except ModelRejected as exc:
+            raise Unprocessable(exc.message, code=exc.code, detail=exc.detail) from None
+        store_received(services, received)
+    finally:
+        received.temp_path.unlink(missing_ok=True)
+    with services.db.session() as session:
+        row = ModelRow(owner=owner, name=name, format=info.format, size_bytes=received.size_bytes,
+                       sha256=received.sha256, info=info.to_dict())
+        try:
+            session.add(row)
+            session.commit()
+        except BaseException:
+            session.rollback()
+            forget_content(services, session, received.sha256)
+            raise
+        return to_out(row)
+
+
+def to_out(row: ModelRow) -> ModelOut:
+    info = row.info or {}
+    return ModelOut(id=row.id, name=row.name, format=row.format, size_bytes=row.size_bytes, sha256=row.sha256,
+                    owner=row.owner, created_at=row.created_at,
+                    inspection=InspectionOut(status="done", inputs=info.get("inputs", []),
+                                             outputs=info.get("outputs", []), params=info.get("params"),
+                                             details=info.get("details", {})))
+
+
+def get(session: Session, owner: str, model_id: str) -> ModelRow:
+    row = repo.get(session, owner, model_id)
+    if row is None:
+        raise NotFound(f"model {model_id} not found", code="model_not_found")
+    return row
+
+
+def delete(services: Services, session: Session, owner: str, model_id: str) -> None:
+    row = get(session, owner, model_id)
+    active = jobs_repo.active_using_model(session, model_id)
+    if active:
+        raise Conflict(f"model {model_id} is used by {active} queued or running job(s); cancel them first",
+                       code="model_in_use", detail={"active_jobs": active})
+    repo.soft_delete(session, row)
+    session.commit()
+    forget_content(services, session, row.sha256)

@@ -1,0 +1,135 @@
+"""Job submission, validation, idempotency, cancel and events through the HTTP API (no worker running)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.app.test_api_uploads import _error, upload_dataset, upload_model
+from tests.helpers import digits_npz_bytes, mlp_onnx_bytes
+
+
+@pytest.fixture
+def model_id(client):
+    return upload_model(client, mlp_onnx_bytes()).json()["id"]
+
+
+@pytest.fixture
+def dataset_id(client):
+    return upload_dataset(client, digits_npz_bytes()).json()["id"]
+
+
+def submit(client, model_id, dataset_id=None, headers=None, **config):
+    body = {"kind": "quantize", "model_id": model_id, "config": {"method": "dynamic_int8", **config}}
+    if dataset_id:
+        body["dataset_id"] = dataset_id
+    return client.post("/v1/jobs", json=body, headers=headers or {})
+
+
+def test_submit_returns_queued_job_with_defaults(client, model_id, dataset_id):
+    resp = submit(client, model_id, dataset_id)
+    assert resp.status_code == 202, resp.text
+    job = resp.json()
+    assert resp.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] == "queued" and job["attempts"] == 0 and job["max_attempts"] == 3
+    assert job["progress"] == 0.0 and job["error"] is None and job["artifact_id"] is None
+    assert job["config"]["calibration"] == {"samples": 512, "method": "minmax"}
+    assert job["config"]["benchmark"]["batch_sizes"] == [1, 64]
+    assert client.get(f"/v1/jobs/{job['id']}").json() == job
+
+
+@pytest.mark.parametrize("config,field", [
+    ({"method": "dynamic_int8", "bogus": 1}, "config.bogus"),
+    ({"method": "int3"}, "config.method"),
+    ({"method": "static_int8", "calibration": {"samples": 0}}, "config.calibration.samples"),
+    ({"method": "static_int8", "calibration": {"samples": "many"}}, "config.calibration.samples"),
+    ({"method": "dynamic_int8", "max_accuracy_drop": -1}, "config.max_accuracy_drop"),
+    ({"method": "dynamic_int8", "benchmark": {"batch_sizes": [1, 1]}}, "config.benchmark.batch_sizes"),
+    ({"method": "dynamic_int8", "benchmark": {"repeats": 10**9}}, "config.benchmark.repeats"),
+])
+def test_bad_config_is_422_naming_the_field(client, model_id, config, field):
+    resp = client.post("/v1/jobs", json={"kind": "quantize", "model_id": model_id, "config": config})
+    err = _error(resp, 422, "validation_error")
+    assert any(e["field"] == field for e in err["detail"]["errors"]), err
+
+
+def test_nan_and_malformed_json(client, model_id):
+    raw = '{"kind": "quantize", "model_id": "%s", "config": {"method": "dynamic_int8", "max_accuracy_drop": NaN}}'
+    _error(client.post("/v1/jobs", content=raw % model_id, headers={"content-type": "application/json"}), 422)
+    err = _error(client.post("/v1/jobs", content="{not json", headers={"content-type": "application/json"}), 422)
+    assert "not valid JSON" in err["message"]
+    _error(client.post("/v1/jobs", json={"kind": "prune", "model_id": model_id, "config": {}}), 422)
+    _error(client.post("/v1/jobs", json=["a list"]), 422)
+
+
+def test_references_are_checked(client, model_id):
+    _error(submit(client, "f" * 32), 404, "model_not_found")
+    _error(submit(client, model_id, dataset_id="e" * 32), 404, "dataset_not_found")
+    resp = client.post("/v1/jobs", json={"kind": "quantize", "model_id": model_id, "config": {"method": "static_int8"}})
+    _error(resp, 422, "dataset_required")
+
+
+def test_dataset_must_fit_the_model(client):
+    mid = upload_model(client, mlp_onnx_bytes(input_name="pixels")).json()["id"]
+    did = upload_dataset(client, digits_npz_bytes(input_name="other")).json()["id"]
+    err = _error(submit(client, mid, did), 422, "dataset_mismatch")
+    assert err["detail"]["model_inputs"] == ["pixels"]
+
+
+def test_idempotency_key(client, model_id):
+    h = {"Idempotency-Key": "abc-123"}
+    first = submit(client, model_id, headers=h)
+    again = submit(client, model_id, headers=h)
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
+    _error(submit(client, model_id, headers=h, per_channel=False), 409, "idempotency_key_reused")
+    assert len(client.get("/v1/jobs").json()["items"]) == 1
+
+
+def test_list_filters_and_pagination(client, model_id):
+    ids = [submit(client, model_id).json()["id"] for _ in range(3)]
+    client.post(f"/v1/jobs/{ids[0]}/cancel")
+    page = client.get("/v1/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in page["items"]] == ids[::-1][:2]
+    rest = client.get("/v1/jobs", params={"limit": 2, "cursor": page["next_cursor"]}).json()
+    assert [j["id"] for j in rest["items"]] == [ids[0]] and rest["next_cursor"] is None
+    assert [j["id"] for j in client.get("/v1/jobs", params={"status": "cancelled"}).json()["items"]] == [ids[0]]
+    assert len(client.get("/v1/jobs", params={"model_id": model_id, "kind": "quantize"}).json()["items"]) == 3
+    assert client.get("/v1/jobs", params={"model_id": "0" * 32}).json()["items"] == []
+    _error(client.get("/v1/jobs", params={"status": "exploded"}), 422)
+
+
+def test_cancel_queued_job_and_events(client, model_id):
+    job = submit(client, model_id).json()
+    resp = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert resp.status_code == 200 and resp.json()["status"] == "cancelled"
+    assert resp.json()["error"]["code"] == "cancelled" and resp.json()["finished_at"]
+    _error(client.post(f"/v1/jobs/{job['id']}/cancel"), 409, "invalid_transition")
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        text = "".join(stream.iter_text())
+    events = [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:")]
+    assert [e["status"] for e in events] == ["queued", "cancelled"]
+    assert [e["seq"] for e in events] == [1, 2]
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "1"}) as stream:
+        text = "".join(stream.iter_text())
+    assert [json.loads(l[5:])["status"] for l in text.splitlines() if l.startswith("data:")] == ["cancelled"]
+
+
+def test_model_in_use_cannot_be_deleted(client, model_id):
+    job = submit(client, model_id).json()
+    _error(client.delete(f"/v1/models/{model_id}"), 409, "model_in_use")
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert client.delete(f"/v1/models/{model_id}").status_code == 204
+
+
+def test_health_ready_metrics_openapi(client, model_id):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "broker": "ok"}
+    submit(client, model_id)
+    text = client.get("/metrics").text
+    assert 'distillery_jobs{kind="quantize",status="queued"} 1.0' in text
+    assert "distillery_upload_bytes" in text
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/models", "/v1/jobs", "/v1/jobs/{job_id}/events", "/v1/artifacts/{artifact_id}/content"} <= set(spec["paths"])

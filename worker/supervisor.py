@@ -1,0 +1,307 @@
+"""Claim a job, run it in a supervised child process, record progress and the outcome.
+
+The child (`python -m worker.runner`) gets the model path and config on stdin and no database or broker
+credentials; it reports progress as JSON lines on a pipe. The supervisor enforces the time and memory limits,
+heartbeats the job row, honours cancellation, and writes artifact + metrics + `succeeded` in one commit.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from sqlalchemy.exc import OperationalError
+
+from app.core.broker import send_run_job
+from app.core.procs import die_with_parent
+from app.core.tables import ArtifactRow, DatasetRow, JobRow, ModelRow
+from app.jobs import repository as repo
+from app.jobs.states import ErrorCode, JobStatus
+from worker.runtime import Runtime
+
+log = logging.getLogger("distillery.worker")
+POLL_S = 0.1
+PROGRESS_MIN_INTERVAL_S = 0.25
+KILL_GRACE_S = 3.0
+TRANSIENT_EXIT = 75  # EX_TEMPFAIL: the child hit a transient error; the job may be retried
+
+
+@dataclass
+class Outcome:
+    kind: str  # "result" | "error" | "crash" | "killed"
+    code: str = ""
+    message: str = ""
+    result: dict = field(default_factory=dict)
+    transient: bool = False
+
+
+def _with_db_retry(rt: Runtime, fn, *, attempts: int = 8):
+    """Run fn(session) in a fresh transaction, retrying while the database is unreachable."""
+    delay = 0.5
+    for i in range(attempts):
+        try:
+            with rt.db.session() as session:
+                out = fn(session)
+                session.commit()
+                return out
+        except OperationalError as exc:
+            if i == attempts - 1:
+                raise
+            log.warning("database unavailable (%s); retrying in %.1fs", exc.orig, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def _device_for(job: JobRow) -> str:
+    return "cuda" if job.queue == "gpu" or job.device_requested == "cuda" else "cpu"
+
+
+def run_job(rt: Runtime, job_id: str, worker_name: str) -> str:
+    job = _with_db_retry(rt, lambda s: _claim(s, job_id, worker_name))
+    if job is None:
+        return "skipped"
+    log.info("job %s: claimed (attempt %d/%d)", job_id, job.attempts, job.max_attempts)
+    attempt = job.attempts
+    inputs = _with_db_retry(rt, lambda s: _inputs(rt, s, job))
+    if isinstance(inputs, Outcome):
+        outcome = inputs
+    else:
+        outcome = _supervise(rt, job, attempt, inputs)
+    return _record(rt, job, attempt, outcome)
+
+
+def _claim(session, job_id: str, worker_name: str) -> JobRow | None:
+    current = repo.get(session, job_id)
+    if current is None or current.status != JobStatus.queued:
+        return None
+    if current.attempts >= current.max_attempts:
+        repo.fail(session, job_id, ErrorCode.attempts_exhausted,
+                  f"the job was tried {current.attempts} times without finishing")
+        return None
+    return repo.claim(session, job_id, worker_name, _device_for(current))
+
+
+def _inputs(rt: Runtime, session, job: JobRow) -> dict | Outcome:
+    model = session.get(ModelRow, job.model_id)
+    dataset = session.get(DatasetRow, job.dataset_id) if job.dataset_id else None
+    paths = {}
+    for label, row in (("model", model), ("dataset", dataset)):
+        if row is None:
+            continue
+        if not rt.storage.exists(row.sha256):
+            return Outcome("error", ErrorCode.input_missing, f"the {label}'s file is missing from storage")
+        paths[label] = str(rt.storage.local_path(row.sha256))
+    return {"kind": job.kind, "model_path": paths["model"], "model_format": model.format,
+            "model_name": model.name, "dataset_path": paths.get("dataset"), "config": job.config,
+            "device": job.device_requested}
+
+
+def _child_env() -> dict[str, str]:
+    """The job's process gets no database or broker credentials."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLERY_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _reader(fd: int, out: queue.Queue) -> None:
+    with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                out.put(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    out.put(None)
+
+
+def _rss_tree(pid: int) -> int:
+    try:
+        proc = psutil.Process(pid)
+        return proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+    except psutil.Error:
+        return 0
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(KILL_GRACE_S)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def _supervise(rt: Runtime, job: JobRow, attempt: int, spec: dict) -> Outcome:
+    settings = rt.settings
+    work_dir = settings.data_dir / "work" / f"{job.id}-{attempt}"
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True)
+    spec["work_dir"] = str(work_dir)
+    read_fd, write_fd = os.pipe()
+    log_path = work_dir / "child.log"
+    with open(log_path, "wb") as child_log:
+        proc = subprocess.Popen([sys.executable, "-m", "worker.runner", str(write_fd)], stdin=subprocess.PIPE,
+                                stdout=child_log, stderr=subprocess.STDOUT, pass_fds=(write_fd,), cwd=work_dir,
+                                env=_child_env(), preexec_fn=die_with_parent())
+    os.close(write_fd)
+    reports: queue.Queue = queue.Queue()
+    threading.Thread(target=_reader, args=(read_fd, reports), daemon=True).start()
+    try:
+        proc.stdin.write(json.dumps(spec).encode())
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    outcome = _watch(rt, job, attempt, proc, reports, work_dir)
+    if outcome.kind == "crash":
+        tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+        log.warning("job %s: child crashed: %s\n%s", job.id, outcome.message, tail)
+    return outcome
+
+
+def _watch(rt: Runtime, job: JobRow, attempt: int, proc: subprocess.Popen, reports: queue.Queue,
+           work_dir: Path) -> Outcome:
+    settings = rt.settings
+    deadline = time.monotonic() + settings.job_time_limit_s
+    next_beat = 0.0
+    last_progress_at = 0.0
+    pending: tuple[float, str] | None = None
+    final: Outcome | None = None
+    eof = False
+    while True:
+        try:
+            msg = reports.get(timeout=POLL_S)
+        except queue.Empty:
+            msg = False
+        if msg is None:
+            eof = True
+        elif msg:
+            kind = msg.get("type")
+            if kind == "progress":
+                pending = (float(msg.get("progress", 0.0)), str(msg.get("stage", "")))
+            elif kind == "device":
+                _safe_db(rt, lambda s: repo.set_device(s, job.id, str(msg.get("device", ""))))
+            elif kind == "result":
+                final = Outcome("result", result=msg)
+            elif kind == "error":
+                final = Outcome("error", str(msg.get("code", "engine_error")), str(msg.get("message", "")),
+                                transient=bool(msg.get("transient")))
+        now = time.monotonic()
+        if pending and (now - last_progress_at >= PROGRESS_MIN_INTERVAL_S or pending[0] >= 1.0):
+            p, stage = pending
+            _safe_db(rt, lambda s: repo.record_progress(s, job.id, attempt, p, stage))
+            pending, last_progress_at = None, now
+        if proc.poll() is not None:
+            while not eof:  # drain what the child wrote before it exited
+                try:
+                    late = reports.get(timeout=5.0)
+                except queue.Empty:
+                    break
+                if late is None:
+                    eof = True
+                elif late.get("type") == "result":
+                    final = Outcome("result", result=late)
+                elif late.get("type") == "error":
+                    final = Outcome("error", str(late.get("code", "engine_error")), str(late.get("message", "")),
+                                    transient=bool(late.get("transient")))
+            if pending:
+                p, stage = pending
+                _safe_db(rt, lambda s: repo.record_progress(s, job.id, attempt, p, stage))
+            if final is not None:
+                return final
+            rc = proc.returncode
+            if rc == -signal.SIGKILL:
+                return Outcome("crash", ErrorCode.out_of_memory, "the job's process was killed by the system "
+                               "(most likely out of memory)")
+            return Outcome("crash", ErrorCode.engine_crashed, f"the job's process exited with code {rc}",
+                           transient=True)
+        if now > deadline:
+            _kill(proc)
+            return Outcome("killed", ErrorCode.timeout, f"the job exceeded its time limit of "
+                           f"{settings.job_time_limit_s:g} s")
+        rss = _rss_tree(proc.pid)
+        if rss > settings.job_memory_limit_bytes:
+            _kill(proc)
+            return Outcome("killed", ErrorCode.out_of_memory, f"the job used {rss} bytes, over its memory limit "
+                           f"of {settings.job_memory_limit_bytes} bytes")
+        if now >= next_beat:
+            next_beat = now + settings.heartbeat_interval_s
+            beat = _safe_db(rt, lambda s: repo.heartbeat(s, job.id, attempt))
+            if beat is not None:
+                ours, cancel = beat
+                if not ours:
+                    _kill(proc)
+                    return Outcome("killed", "lost_claim", "the job was taken over (its heartbeat had expired)")
+                if cancel:
+                    _kill(proc)
+                    return Outcome("killed", ErrorCode.cancelled, "cancelled by request")
+
+
+def _safe_db(rt: Runtime, fn):
+    """Progress and heartbeats: best effort while the database is down (the job keeps running)."""
+    try:
+        with rt.db.session() as session:
+            out = fn(session)
+            session.commit()
+            return out
+    except OperationalError as exc:
+        log.warning("could not record progress: %s", exc.orig)
+        return None
+
+
+def _record(rt: Runtime, job: JobRow, attempt: int, outcome: Outcome) -> str:
+    work_dir = rt.settings.data_dir / "work" / f"{job.id}-{attempt}"
+    try:
+        if outcome.code == "lost_claim":
+            return "lost"
+        if outcome.kind == "result":
+            return _record_success(rt, job, attempt, outcome.result)
+        if outcome.code == ErrorCode.cancelled:
+            _with_db_retry(rt, lambda s: repo.fail(s, job.id, ErrorCode.cancelled, outcome.message, attempt=attempt,
+                                                   status=JobStatus.cancelled))
+            return "cancelled"
+        if outcome.transient and attempt < job.max_attempts:
+            requeued = _with_db_retry(rt, lambda s: repo.requeue(s, job.id, attempt=attempt, reason=outcome.message))
+            if requeued is not None:
+                send_run_job(rt.celery, job.id, job.queue)
+            return "requeued"
+        _with_db_retry(rt, lambda s: repo.fail(s, job.id, outcome.code, outcome.message, attempt=attempt))
+        return "failed"
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _record_success(rt: Runtime, job: JobRow, attempt: int, result: dict) -> str:
+    path = Path(result["artifact_path"])
+    sha, size = rt.storage.put_file(path)
+    fmt = str(result.get("artifact_format", "onnx"))
+
+    def commit(session):
+        model = session.get(ModelRow, job.model_id)
+        stem = Path(model.name).stem if model else "model"
+        method = (job.config or {}).get("method", job.kind)
+        artifact = ArtifactRow(owner=job.owner, job_id=job.id, format=fmt, size_bytes=size, sha256=sha,
+                               filename=f"{stem}.{method}.{'onnx' if fmt == 'onnx' else 'pt'}")
+        return repo.succeed(session, job.id, attempt, artifact, result.get("metrics", {}))
+
+    done = _with_db_retry(rt, commit)
+    if done is None:
+        log.warning("job %s: finished but no longer ours; result dropped", job.id)
+        return "lost"
+    log.info("job %s: succeeded", job.id)
+    return "succeeded"
