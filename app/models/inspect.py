@@ -1,0 +1,594 @@
+"""Detect and inspect uploaded model files from their content, with bounded memory.
+
+Uploaded files are hostile. This module is stdlib-only (the API process never imports
+torch, onnx or onnxruntime) and executes nothing from the file: ONNX is decoded from the
+protobuf wire format while seeking past tensor payloads, and TorchScript pickles are only
+disassembled with ``pickletools``, never unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickletools
+import zipfile
+import zlib
+from dataclasses import dataclass
+
+_WINDOW = 256 * 1024  # bytes read at a time when decoding ONNX
+_MAX_STRING = 4096  # longer names are truncated
+_MAX_RANK = 64
+_MAX_GRAPH_IO = 10_000  # graph inputs, and graph outputs
+_MAX_OPSETS = 1_000
+_MAX_OP_TYPES = 200
+_MAX_FIELDS = 20_000_000  # protobuf fields visited; bounds the parse time of hostile files
+_MAX_PICKLE_BYTES = 64 * 1024 * 1024
+_MAX_ZIP_DIRECTORY = 4 * 1024 * 1024
+_MAX_PLAUSIBLE_IR_VERSION = 100
+
+_PICKLE_MESSAGE = (
+    "Plain pickled PyTorch checkpoints (torch.save) are not accepted because loading them "
+    "can execute arbitrary code; export the model with torch.jit.save (TorchScript) or to "
+    "ONNX instead."
+)
+_NOT_A_MODEL_MESSAGE = (
+    "The file is not a recognised model; upload an ONNX model or a TorchScript archive "
+    "(torch.jit.save)."
+)
+
+_ELEM_TYPES = {
+    1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
+    8: "string", 9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64",
+    14: "complex64", 15: "complex128", 16: "bfloat16",
+}
+_OTHER_VALUE_TYPES = {4: "sequence", 5: "map", 7: "opaque", 9: "optional"}  # TypeProto fields
+
+# Expected wire types of the fields this module reads, per message (0 varint, 2 bytes).
+_VARINT, _BYTES, _INTS = (0,), (2,), (0, 2)
+_MODEL = {1: _VARINT, 2: _BYTES, 7: _BYTES, 8: _BYTES}
+_OPSET = {1: _BYTES, 2: _VARINT}
+_GRAPH = {1: _BYTES, 5: _BYTES, 11: _BYTES, 12: _BYTES, 15: _BYTES}
+_NODE = {4: _BYTES}
+_TENSOR = {1: _INTS, 8: _BYTES, 13: _BYTES, 14: _VARINT}
+_SPARSE_TENSOR = {1: _BYTES, 2: _BYTES, 3: _INTS}
+_VALUE_INFO = {1: _BYTES, 2: _BYTES}
+_TYPE = {1: _BYTES, 4: _BYTES, 5: _BYTES, 7: _BYTES, 8: _BYTES, 9: _BYTES}
+_TENSOR_TYPE = {1: _VARINT, 2: _BYTES}
+_SHAPE = {1: _BYTES}
+_DIMENSION = {1: _VARINT, 2: _BYTES}
+
+
+class ModelRejected(Exception):
+    """The upload is not an acceptable model; ``code`` is machine-readable.
+
+    Codes: not_a_model, unsupported_model, model_too_complex,
+    external_data_not_allowed, corrupt_model.
+    """
+
+    def __init__(self, code: str, message: str, detail: dict | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.detail = detail or {}
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: list[int | str | None]  # str: symbolic dim, None: unknown dim; [] also if rank unknown
+
+
+@dataclass
+class ModelInfo:
+    format: str  # "onnx" | "torchscript"
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    params: int | None
+    details: dict
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def inspect_model(
+    path: str | os.PathLike,
+    *,
+    max_nodes: int = 1_000_000,
+    max_tensor_elements: int = 2**34,
+) -> ModelInfo:
+    """Detect the format of the file at ``path`` and describe it, or raise ModelRejected."""
+    with open(path, "rb", buffering=0) as f:
+        head = f.read(4)
+        if not head:
+            raise ModelRejected("not_a_model", "The file is empty.")
+        if head == b"PK\x03\x04":
+            return _inspect_zip(f, max_tensor_elements)
+        if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:  # pickle PROTO 2..5
+            raise ModelRejected("unsupported_model", _PICKLE_MESSAGE)
+        size = os.fstat(f.fileno()).st_size
+        return _inspect_onnx(f, size, head[0] == 0x08, max_nodes, max_tensor_elements)
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+class _WireError(Exception):
+    """Malformed protobuf wire data."""
+
+    def __init__(self, reason: str, offset: int):
+        super().__init__(reason)
+        self.reason = reason
+        self.offset = offset
+
+
+def _int64(value: int) -> int:
+    value &= 0xFFFF_FFFF_FFFF_FFFF
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _too_complex(message: str, **detail) -> ModelRejected:
+    return ModelRejected("model_too_complex", message, detail)
+
+
+class _Wire:
+    """Streaming protobuf wire-format reader.
+
+    Decodes from a window of the file that is refilled on demand; payloads that are
+    skipped are never read, so memory stays bounded whatever the file size.
+    """
+
+    def __init__(self, f):
+        self._f = f
+        self._window = b""
+        self._window_start = 0  # file offset of _window[0]
+        self.pos = 0
+        self._fields_left = _MAX_FIELDS
+
+    def error(self, reason: str) -> _WireError:
+        return _WireError(reason, self.pos)
+
+    def _view(self, size: int) -> tuple[bytes, int]:
+        """The window and the index of ``pos`` in it, with ``size`` bytes from there
+        unless the file ends sooner."""
+        index = self.pos - self._window_start
+        if index < 0 or index + size > len(self._window):
+            self._f.seek(self.pos)
+            self._window = self._f.read(max(size, _WINDOW))
+            self._window_start = self.pos
+            index = 0
+        return self._window, index
+
+    def varint(self) -> int:
+        window, index = self._view(10)
+        result = 0
+        for shift in range(0, 70, 7):
+            if index >= len(window):
+                raise self.error("unexpected end of file")
+            byte = window[index]
+            index += 1
+            result |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                self.pos = self._window_start + index
+                return result
+        raise self.error("varint longer than 10 bytes")
+
+    def fields(self, end: int, schema: dict):
+        """Yield ``(number, wire_type, value)`` for each field before offset ``end``.
+
+        ``value`` is the integer of a varint field, or the end offset of a length-delimited
+        payload (which starts at ``pos``). Whatever the consumer reads, the reader moves
+        to the next field when resumed. Fields in ``schema`` must have one of the wire
+        types listed there.
+        """
+        while self.pos < end:
+            self._fields_left -= 1
+            if self._fields_left < 0:
+                raise _too_complex(f"The model has more than {_MAX_FIELDS} protobuf fields.")
+            key = self.varint()
+            number, wire_type = key >> 3, key & 7
+            if number == 0:
+                raise self.error("invalid field number 0")
+            if wire_type == 0:
+                value = self.varint()
+                after = self.pos
+            elif wire_type == 2:
+                length = self.varint()
+                value = after = self.pos + length
+            elif wire_type in (1, 5):
+                value = None
+                after = self.pos + (8 if wire_type == 1 else 4)
+            else:
+                raise self.error(f"invalid wire type {wire_type}")
+            if after > end:
+                raise self.error(f"field {number} runs past the end of its message")
+            if wire_type not in schema.get(number, (wire_type,)):
+                raise self.error(f"field {number} has unexpected wire type {wire_type}")
+            yield number, wire_type, value
+            self.pos = after
+
+    def string(self, end: int, limit: int = _MAX_STRING) -> str:
+        size = min(end - self.pos, limit)
+        window, index = self._view(size)
+        return window[index : index + size].decode("utf-8", "replace")
+
+    def int64s(self, wire_type: int, value: int):
+        """The values of one occurrence of a repeated int64 field, packed or not."""
+        if wire_type == 0:
+            yield _int64(value)
+            return
+        while self.pos < value:
+            yield _int64(self.varint())
+        if self.pos > value:
+            raise self.error("packed varint runs past the end of its field")
+
+
+class _OnnxScan:
+    """Collects what ``inspect_model`` reports while walking a ModelProto."""
+
+    def __init__(self, f, max_nodes: int, max_tensor_elements: int):
+        self.wire = _Wire(f)
+        self.max_nodes = max_nodes
+        self.max_tensor_elements = max_tensor_elements
+        self.ir_version = 0
+        self.producer_name = ""
+        self.opsets: dict[str, int] = {}
+        self.has_graph = False
+        self.node_count = 0
+        self.op_types: set[str] = set()
+        self.initializer_count = 0
+        self.initializer_names: set[str] = set()
+        self.inputs: list[TensorSpec] = []
+        self.outputs: list[TensorSpec] = []
+        self.params = 0
+
+    def model(self, end: int) -> None:
+        wire = self.wire
+        for number, _, value in wire.fields(end, _MODEL):
+            if number == 1:
+                self.ir_version = _int64(value)
+            elif number == 2:
+                self.producer_name = wire.string(value)
+            elif number == 7:
+                self.has_graph = True
+                self.graph(value)
+            elif number == 8:
+                self.opset(value)
+
+    def opset(self, end: int) -> None:
+        domain, version = "", 0
+        for number, _, value in self.wire.fields(end, _OPSET):
+            if number == 1:
+                domain = self.wire.string(value)
+            elif number == 2:
+                version = _int64(value)
+        self.opsets[domain] = version
+        if len(self.opsets) > _MAX_OPSETS:
+            raise _too_complex(f"The model imports more than {_MAX_OPSETS} opsets.")
+
+    def graph(self, end: int) -> None:
+        for number, _, value in self.wire.fields(end, _GRAPH):
+            if number == 1:
+                self.node(value)
+            elif number == 5:
+                self.initializer(value)
+            elif number == 11:
+                self.inputs.append(self.value_info(value))
+                if len(self.inputs) > _MAX_GRAPH_IO:
+                    raise _too_complex(f"The graph has more than {_MAX_GRAPH_IO} inputs.")
+            elif number == 12:
+                self.outputs.append(self.value_info(value))
+                if len(self.outputs) > _MAX_GRAPH_IO:
+                    raise _too_complex(f"The graph has more than {_MAX_GRAPH_IO} outputs.")
+            elif number == 15:
+                self.sparse_initializer(value)
+
+    def node(self, end: int) -> None:
+        self.node_count += 1
+        if self.node_count > self.max_nodes:
+            raise _too_complex(
+                f"The model has more than {self.max_nodes} nodes.", max_nodes=self.max_nodes
+            )
+        for number, _, value in self.wire.fields(end, _NODE):
+            if number == 4 and len(self.op_types) < _MAX_OP_TYPES:
+                self.op_types.add(self.wire.string(value))
+
+    def initializer(self, end: int) -> None:
+        name, numel = self.tensor(end)
+        self.add_initializer(name, numel)
+
+    def sparse_initializer(self, end: int) -> None:
+        name, stored, dims = "", 0, []
+        for number, wire_type, value in self.wire.fields(end, _SPARSE_TENSOR):
+            if number == 1:
+                name, stored = self.tensor(value)
+            elif number == 2:
+                self.tensor(value)  # indices: checked for external data and size only
+            elif number == 3:
+                self.read_dims(wire_type, value, dims)
+        self.numel(name, dims)
+        self.add_initializer(name, stored)
+
+    def add_initializer(self, name: str, numel: int) -> None:
+        self.initializer_count += 1
+        if self.initializer_count > self.max_nodes:
+            raise _too_complex(f"The model has more than {self.max_nodes} initializers.")
+        self.initializer_names.add(name)
+        self.params += numel
+
+    def tensor(self, end: int) -> tuple[str, int]:
+        """Name and element count of a TensorProto; its data is skipped."""
+        name, dims, external = "", [], False
+        for number, wire_type, value in self.wire.fields(end, _TENSOR):
+            if number == 1:
+                self.read_dims(wire_type, value, dims)
+            elif number == 8:
+                name = self.wire.string(value)
+            elif number == 13 or (number == 14 and value == 1):
+                external = True
+        if external:
+            raise ModelRejected(
+                "external_data_not_allowed",
+                f"Tensor {name!r} keeps its data in an external file. Upload a single "
+                "self-contained .onnx file (e.g. torch.onnx.export(..., external_data=False)).",
+                {"tensor": name},
+            )
+        return name, self.numel(name, dims)
+
+    def read_dims(self, wire_type: int, value: int, dims: list[int]) -> None:
+        for dim in self.wire.int64s(wire_type, value):
+            dims.append(dim)
+            if len(dims) > _MAX_RANK:
+                raise _too_complex(f"A tensor has more than {_MAX_RANK} dimensions.")
+
+    def numel(self, name: str, dims: list[int]) -> int:
+        if any(dim < 0 for dim in dims):
+            raise _too_complex(f"Tensor {name!r} has a negative dimension.", tensor=name)
+        if 0 in dims:
+            return 0
+        numel = 1
+        for dim in dims:
+            numel *= dim
+            if numel > self.max_tensor_elements:
+                raise _too_complex(
+                    f"Tensor {name!r} has more than {self.max_tensor_elements} elements.",
+                    tensor=name,
+                )
+        return numel
+
+    def value_info(self, end: int) -> TensorSpec:
+        name, dtype, shape = "", "unknown", []
+        for number, _, value in self.wire.fields(end, _VALUE_INFO):
+            if number == 1:
+                name = self.wire.string(value)
+            elif number == 2:
+                dtype, shape = self.value_type(value)
+        return TensorSpec(name, dtype, shape)
+
+    def value_type(self, end: int) -> tuple[str, list]:
+        dtype, shape = "unknown", []
+        for number, _, value in self.wire.fields(end, _TYPE):
+            if number in (1, 8):  # tensor_type, sparse_tensor_type
+                for inner, _, inner_value in self.wire.fields(value, _TENSOR_TYPE):
+                    if inner == 1:
+                        dtype = _ELEM_TYPES.get(inner_value, f"type{inner_value}")
+                    elif inner == 2:
+                        shape = self.shape(inner_value)
+            elif number in _OTHER_VALUE_TYPES:
+                dtype = _OTHER_VALUE_TYPES[number]
+        return dtype, shape
+
+    def shape(self, end: int) -> list[int | str | None]:
+        dims = []
+        for number, _, value in self.wire.fields(end, _SHAPE):
+            if number == 1:
+                dims.append(self.dimension(value))
+                if len(dims) > _MAX_RANK:
+                    raise _too_complex(
+                        f"A graph input or output has more than {_MAX_RANK} dimensions."
+                    )
+        return dims
+
+    def dimension(self, end: int) -> int | str | None:
+        dim = None
+        for number, _, value in self.wire.fields(end, _DIMENSION):
+            if number == 1:
+                dim = _int64(value)
+            elif number == 2:
+                dim = self.wire.string(value)
+        return dim
+
+    def is_model(self) -> bool:
+        return self.ir_version > 0 and bool(self.opsets) and self.has_graph and self.node_count > 0
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            format="onnx",
+            inputs=[spec for spec in self.inputs if spec.name not in self.initializer_names],
+            outputs=self.outputs,
+            params=self.params,
+            details={
+                "ir_version": self.ir_version,
+                "opset": self.opsets,
+                "producer_name": self.producer_name,
+                "node_count": self.node_count,
+                "op_types": sorted(self.op_types),
+            },
+        )
+
+
+def _inspect_onnx(
+    f, size: int, starts_with_ir_version: bool, max_nodes: int, max_tensor_elements: int
+) -> ModelInfo:
+    scan = _OnnxScan(f, max_nodes, max_tensor_elements)
+    try:
+        scan.model(size)
+    except _WireError as exc:
+        # A file that starts with a plausible ir_version field is taken to be a damaged ONNX.
+        if starts_with_ir_version and 0 < scan.ir_version <= _MAX_PLAUSIBLE_IR_VERSION:
+            raise ModelRejected(
+                "corrupt_model",
+                f"The ONNX model is truncated or corrupt ({exc.reason} at byte {exc.offset}).",
+                {"reason": exc.reason, "offset": exc.offset},
+            ) from None
+        raise ModelRejected("not_a_model", _NOT_A_MODEL_MESSAGE) from None
+    if not scan.is_model():
+        raise ModelRejected("not_a_model", _NOT_A_MODEL_MESSAGE)
+    return scan.info()
+
+
+# --------------------------------------------------------------------------- TorchScript
+
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError)
+
+
+def _inspect_zip(f, max_tensor_elements: int) -> ModelInfo:
+    try:
+        # zipfile reads the whole central directory into memory: check its declared size
+        # with the same (private) helper zipfile uses to locate it.
+        end_record = zipfile._EndRecData(f)
+        if end_record is None:
+            raise zipfile.BadZipFile("no end of central directory record")
+        if end_record[zipfile._ECD_SIZE] > _MAX_ZIP_DIRECTORY:
+            raise _too_complex("The ZIP archive has too many entries.")
+        with zipfile.ZipFile(f) as archive:
+            return _inspect_archive(archive, max_tensor_elements)
+    except _ZIP_ERRORS as exc:
+        raise ModelRejected(
+            "corrupt_model", f"The ZIP archive cannot be read: {exc}", {"reason": str(exc)}
+        ) from None
+
+
+def _is_torch_export_entry(name: str) -> bool:
+    parts = name.split("/")
+    return parts[-1] == "archive_format" or (
+        len(parts) >= 3 and parts[-2] == "models" and parts[-1].endswith(".json")
+    )
+
+
+def _inspect_archive(archive: zipfile.ZipFile, max_tensor_elements: int) -> ModelInfo:
+    members = {info.filename: info for info in archive.infolist()}
+    if any(_is_torch_export_entry(name) for name in members):
+        raise ModelRejected(
+            "unsupported_model",
+            "torch.export (.pt2) archives are not supported yet; upload TorchScript "
+            "(torch.jit.save) or ONNX instead.",
+        )
+    roots = sorted(
+        name.removesuffix("/data.pkl")
+        for name in members
+        if name.endswith("/data.pkl") and name.count("/") == 1
+    )
+    if not roots:
+        raise ModelRejected("not_a_model", _NOT_A_MODEL_MESSAGE)
+    root = roots[0]
+    has_code = any(name.startswith(f"{root}/code/") for name in members)
+    if not has_code and f"{root}/constants.pkl" not in members:
+        raise ModelRejected("unsupported_model", _PICKLE_MESSAGE)
+
+    params = 0
+    for pickle_name in ("data.pkl", "constants.pkl"):
+        info = members.get(f"{root}/{pickle_name}")
+        numels = _read_storage_numels(archive, info) if info else {}
+        if numels is None:
+            params = None
+            break
+        for key, numel in numels.items():
+            if numel > max_tensor_elements:
+                raise _too_complex(
+                    f"Stored tensor {key!r} has more than {max_tensor_elements} elements.",
+                    tensor=key,
+                )
+        params += sum(numels.values())
+
+    storage_dirs = (f"{root}/data/", f"{root}/constants/")
+    tensor_count = sum(
+        1 for name, info in members.items() if name.startswith(storage_dirs) and not info.is_dir()
+    )
+    return ModelInfo(
+        format="torchscript",
+        inputs=[],
+        outputs=[],
+        params=params,
+        details={"archive_name": root, "tensor_count": tensor_count, "has_code": has_code},
+    )
+
+
+def _read_storage_numels(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> dict[str, int] | None:
+    """Storage numels of a pickle in the archive; None if it is too large or unparseable."""
+    if info.file_size > _MAX_PICKLE_BYTES:
+        return None
+    with archive.open(info) as member:
+        data = member.read(_MAX_PICKLE_BYTES + 1)  # bounded even if file_size lies
+    if len(data) > _MAX_PICKLE_BYTES:
+        return None
+    try:
+        return _storage_numels(data)
+    except (ValueError, IndexError):
+        return None
+
+
+_MEMO_PUT = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
+_MEMO_GET = {"GET", "BINGET", "LONG_BINGET"}
+_TUPLES = {"EMPTY_TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "TUPLE"}
+
+
+def _storage_numels(data: bytes) -> dict[str, int]:
+    """Map storage key -> element count for the torch storages a pickle references.
+
+    Simulates only the pickle stack, from the opcodes ``pickletools.genops`` decodes:
+    strings, numbers, tuples and memo entries are tracked, every other object is a
+    placeholder, and nothing is imported or called. Torch stores a tensor's storage as the
+    persistent id ``('storage', <storage class>, key, location, numel)``.
+    """
+    stack: list = []
+    marks: list[int] = []
+    memo: dict = {}
+    numels: dict[str, int] = {}
+    for opcode, arg, _ in pickletools.genops(data):
+        name = opcode.name
+        if name == "STOP":
+            break
+        if name == "MARK":
+            marks.append(len(stack))
+            continue
+        if name in _MEMO_PUT:
+            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+            continue
+        if name in _MEMO_GET:
+            stack.append(memo.get(arg))
+            continue
+
+        before = opcode.stack_before
+        popped: list = []
+        below_mark = len(before)
+        if pickletools.markobject in before:
+            start = marks.pop()
+            popped = stack[start:]
+            del stack[start:]
+            below_mark = before.index(pickletools.markobject)
+        if below_mark:
+            if len(stack) < below_mark:
+                raise ValueError("pickle stack underflow")
+            popped = stack[-below_mark:] + popped
+            del stack[-below_mark:]
+
+        if name in _TUPLES:
+            result = tuple(popped)
+        elif name == "BINPERSID":
+            _record_storage(popped[0], numels)
+            result = None
+        elif not before and opcode.arg is not None:
+            result = arg  # a literal: int, str, bytes, float
+        else:
+            result = None
+        stack.extend([result] * len(opcode.stack_after))
+    return numels
+
+
+def _record_storage(pid, numels: dict[str, int]) -> None:
+    if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+        key, numel = pid[2], pid[4]
+        if not isinstance(key, str) or type(numel) is not int or numel < 0:
+            raise ValueError("malformed storage record")
+        numels[key] = numel
