@@ -1,0 +1,157 @@
+"""Terminal errors: each bad input fails with its code, before any work is wasted."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from worker.engine import EngineError
+
+from .conftest import FAST_BENCHMARK
+
+
+def _code(excinfo) -> str:
+    return excinfo.value.code
+
+
+def test_engine_error_carries_code_and_message_and_pickles():
+    err = EngineError("invalid_model", "bad bytes")
+    assert (err.code, err.message) == ("invalid_model", "bad bytes")
+    assert str(err) == "invalid_model: bad bytes"
+    copy = pickle.loads(pickle.dumps(err))
+    assert (copy.code, copy.message) == ("invalid_model", "bad bytes")
+    with pytest.raises(ValueError):
+        EngineError("no_such_code", "x")
+
+
+@pytest.mark.parametrize("content", [b"", b"not an onnx model at all \x00\x01\x02" * 50, bytes(range(256)) * 10])
+def test_garbage_file_is_invalid_model(run, tmp_path, content):
+    path = tmp_path / "garbage.onnx"
+    path.write_bytes(content)
+    with pytest.raises(EngineError) as excinfo:
+        run(path, {"method": "dynamic_int8"})
+    assert _code(excinfo) == "invalid_model"
+
+
+def test_missing_file_is_invalid_model(run, tmp_path):
+    with pytest.raises(EngineError) as excinfo:
+        run(tmp_path / "nope.onnx", {"method": "dynamic_int8"})
+    assert _code(excinfo) == "invalid_model"
+
+
+def test_external_data_is_refused(run, example, tmp_path):
+    proto = onnx.load(example["onnx"])
+    path = tmp_path / "external.onnx"
+    onnx.save_model(proto, str(path), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    assert (tmp_path / "weights.bin").is_file()
+    with pytest.raises(EngineError) as excinfo:
+        run(path, {"method": "dynamic_int8"})
+    assert _code(excinfo) == "invalid_model"
+    assert "external data" in excinfo.value.message
+
+
+def test_model_failing_the_checker_is_invalid_model(run, tmp_path):
+    node = onnx.helper.make_node("Relu", ["x"], ["y"])
+    graph = onnx.helper.make_graph(
+        [node, node],  # "y" produced twice: not SSA
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4])],
+    )
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(onnx.helper.make_model(graph).SerializeToString())
+    with pytest.raises(EngineError) as excinfo:
+        run(path, {"method": "dynamic_int8"})
+    assert _code(excinfo) == "invalid_model"
+
+
+@pytest.mark.parametrize(
+    ("kind", "config", "model_format"),
+    [
+        ("quantize", {"method": "int4_magic"}, "onnx"),
+        ("quantize", {"method": 3}, "onnx"),
+        ("teleport", {"method": "dynamic_int8"}, "onnx"),
+        ("quantize", {"method": "dynamic_int8"}, "torchscript"),
+        ("quantize", {"method": "dynamic_int8"}, "keras"),
+        ("quantize", {"method": "dynamic_int8", "output_format": "torchscript"}, "onnx"),
+        ("quantize", {"method": "static_int8", "calibration": {"method": "magic"}}, "onnx"),
+        ("quantize", {"method": "static_int8", "calibration": {"samples": "many"}}, "onnx"),
+        ("quantize", {"method": "dynamic_int8", "benchmark": {"batch_sizes": []}}, "onnx"),
+    ],
+)
+def test_unsupported_requests(run, example, kind, config, model_format):
+    with pytest.raises(EngineError) as excinfo:
+        run(example["onnx"], config, kind=kind, model_format=model_format)
+    assert _code(excinfo) == "unsupported"
+    assert excinfo.value.message
+
+
+def test_torchscript_message_is_clear(run, example):
+    with pytest.raises(EngineError, match="torchscript"):
+        run(example["torchscript"], {"method": "dynamic_int8"}, model_format="torchscript")
+
+
+def test_static_without_dataset_is_invalid_dataset(run, example):
+    with pytest.raises(EngineError) as excinfo:
+        run(example["onnx"], {"method": "static_int8"})
+    assert _code(excinfo) == "invalid_dataset"
+    assert excinfo.value.message == "static_int8 needs a calibration dataset"
+
+
+def _npz(tmp_path: Path, **arrays) -> Path:
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        {"x": np.zeros((10, 1, 8, 9), np.float32)},  # wrong shape
+        {"x": np.zeros((10, 64), np.float32)},  # wrong rank
+        {"features": np.zeros((10, 1, 8, 8), np.float32)},  # wrong key
+        {"x": np.zeros((10, 1, 8, 8), np.float32), "y": np.zeros(9, np.int64)},  # label count
+        {"x": np.zeros((10, 1, 8, 8), np.float32), "y": np.zeros(10, np.float32)},  # float labels
+        {"x": np.full((10, 1, 8, 8), np.nan, np.float32)},  # NaN
+        {"x": np.zeros((10, 1, 8, 8), np.float32), "x_test": np.zeros((0, 1, 8, 8), np.float32)},  # empty test
+        {"x": np.array([{"a": 1}] * 10, dtype=object)},  # needs pickle
+    ],
+)
+def test_bad_datasets_are_invalid_dataset(run, example, tmp_path, arrays):
+    with pytest.raises(EngineError) as excinfo:
+        run(example["onnx"], {"method": "static_int8"}, _npz(tmp_path, **arrays))
+    assert _code(excinfo) == "invalid_dataset"
+
+
+def test_non_npz_dataset_is_invalid_dataset(run, example, tmp_path):
+    path = tmp_path / "data.npz"
+    np.save(path.with_suffix(".npy"), np.zeros((4, 1, 8, 8), np.float32))
+    path.with_suffix(".npy").rename(path)
+    with pytest.raises(EngineError) as excinfo:
+        run(example["onnx"], {"method": "static_int8"}, path)
+    assert _code(excinfo) == "invalid_dataset"
+
+
+def test_cancelled_before_start(run, example):
+    with pytest.raises(EngineError) as excinfo:
+        run(example["onnx"], {"method": "dynamic_int8"}, is_cancelled=lambda: True)
+    assert _code(excinfo) == "cancelled"
+    assert run.progress == []
+
+
+@pytest.mark.parametrize("stage", ["calibrating", "measuring"])
+def test_cancelled_mid_run(run, example, stage):
+    def is_cancelled() -> bool:
+        return any(s.startswith(stage) for _, s in run.progress)
+
+    config = {"method": "static_int8", "benchmark": FAST_BENCHMARK, "calibration": {"samples": 128}}
+    with pytest.raises(EngineError) as excinfo:
+        run(example["onnx"], config, Path(example["dataset"]), is_cancelled=is_cancelled)
+    assert _code(excinfo) == "cancelled"
+    assert run.progress[-1][0] < 1.0
+    # Nothing left behind but what was written before the cancel; no scratch folder.
+    assert not any(p.name.startswith(".engine") for p in run.tmp_path.rglob("*"))

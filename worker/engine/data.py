@@ -1,0 +1,230 @@
+"""Model inputs and datasets: the .npz contract, the train/test split and batching.
+
+The .npz holds `x` for a single-input model, or one array per model input named after the input; optionally `y`
+(1-D integer labels), and optionally a held-out split `x_test`/`y_test` (or `<input>_test`). Without a held-out
+split the rows are split 80/20 with a fixed seed. Arrays are cast to the model's input dtypes. It is loaded with
+allow_pickle=False: an object array is refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .core import EngineError
+
+SPLIT_SEED = 0
+TEST_FRACTION = 0.2
+_NUMERIC_KINDS = "biuf"
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output: dims are ints (fixed), strings (symbolic) or None (unknown)."""
+
+    name: str
+    shape: tuple[int | str | None, ...] | None  # None: rank unknown
+    dtype: np.dtype
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The first dim when it is fixed, else None (symbolic: any batch size)."""
+        if self.shape and isinstance(self.shape[0], int):
+            return self.shape[0]
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape) if self.shape is not None else None,
+            "dtype": str(self.dtype),
+        }
+
+
+def fixed_batch_size(inputs: tuple[TensorSpec, ...]) -> int | None:
+    """The batch size every call must use when an input fixes its first dim (e.g. 1), else None."""
+    fixed = [spec.fixed_batch for spec in inputs if spec.fixed_batch is not None]
+    return min(fixed) if fixed else None
+
+
+@dataclass(frozen=True)
+class Split:
+    x: Feeds  # one array per model input, all with the same first dim
+    y: np.ndarray | None  # int64 labels, or None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.x.values())))
+
+    def take(self, index: np.ndarray) -> Split:
+        return Split({k: v[index] for k, v in self.x.items()}, None if self.y is None else self.y[index])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train: Split
+    test: Split
+    test_source: str  # "held-out" (arrays in the file) or "seeded 80/20 split"
+
+
+def load_dataset(path: Path, inputs: tuple[TensorSpec, ...]) -> Dataset:
+    """Load and check the .npz against the model's inputs (EngineError("invalid_dataset") on any mismatch)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise EngineError("invalid_dataset", "the dataset must be an .npz archive")
+            arrays = {key: npz[key] for key in npz.files}
+    except EngineError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise EngineError("invalid_dataset", f"cannot read the dataset: {exc}") from None
+    except Exception as exc:
+        raise EngineError("invalid_dataset", f"cannot read the dataset: {type(exc).__name__}: {exc}") from None
+    return dataset_from_arrays(arrays, inputs)
+
+
+def dataset_from_arrays(arrays: dict[str, np.ndarray], inputs: tuple[TensorSpec, ...]) -> Dataset:
+    keys = _input_keys(arrays, inputs)
+    x = {spec.name: _check_input(arrays[keys[spec.name]], spec, keys[spec.name]) for spec in inputs}
+    n = _common_length(x, "")
+    y = _check_labels(arrays["y"], n, "y") if "y" in arrays else None
+
+    test_keys = {spec.name: _test_key(keys[spec.name]) for spec in inputs}
+    present = [k for k in test_keys.values() if k in arrays]
+    if present and len(present) != len(test_keys):
+        missing = sorted(set(test_keys.values()) - set(present))
+        raise EngineError("invalid_dataset", f"the held-out split is incomplete: missing {', '.join(missing)}")
+    if "y_test" in arrays and not present:
+        raise EngineError("invalid_dataset", "y_test is given without the held-out inputs (x_test)")
+    if present:
+        x_test = {spec.name: _check_input(arrays[test_keys[spec.name]], spec, test_keys[spec.name]) for spec in inputs}
+        n_test = _common_length(x_test, " test")
+        y_test = _check_labels(arrays["y_test"], n_test, "y_test") if "y_test" in arrays else None
+        return Dataset(Split(x, y), Split(x_test, y_test), "held-out")
+
+    if n < 2:
+        raise EngineError("invalid_dataset", "the dataset needs at least 2 rows to split off a test set")
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    n_test = min(n - 1, max(1, int(round(TEST_FRACTION * n))))
+    full = Split(x, y)
+    return Dataset(full.take(np.sort(order[n_test:])), full.take(np.sort(order[:n_test])), "seeded 80/20 split")
+
+
+def _input_keys(arrays: dict[str, np.ndarray], inputs: tuple[TensorSpec, ...]) -> dict[str, str]:
+    """The .npz key holding each model input."""
+    if len(inputs) == 1:
+        name = inputs[0].name
+        for key in ("x", name):
+            if key in arrays:
+                return {name: key}
+        raise EngineError("invalid_dataset", f"the dataset has no 'x' array (model input {name!r})")
+    missing = [spec.name for spec in inputs if spec.name not in arrays]
+    if missing:
+        raise EngineError(
+            "invalid_dataset",
+            f"the model has {len(inputs)} inputs: the dataset needs one array per input, named after it "
+            f"(missing: {', '.join(missing)})",
+        )
+    return {spec.name: spec.name for spec in inputs}
+
+
+def _test_key(key: str) -> str:
+    return f"{key}_test"
+
+
+def _check_input(array: np.ndarray, spec: TensorSpec, key: str) -> np.ndarray:
+    if array.dtype.kind not in _NUMERIC_KINDS:
+        raise EngineError("invalid_dataset", f"array {key!r} has a non-numeric dtype {array.dtype}")
+    if spec.shape is not None:
+        if array.ndim != len(spec.shape):
+            raise EngineError(
+                "invalid_dataset",
+                f"array {key!r} has shape {list(array.shape)}; model input {spec.name!r} expects rank "
+                f"{len(spec.shape)} {list(spec.shape)} (first dim = rows)",
+            )
+        for axis, dim in enumerate(spec.shape[1:], start=1):
+            if isinstance(dim, int) and array.shape[axis] != dim:
+                raise EngineError(
+                    "invalid_dataset",
+                    f"array {key!r} has shape {list(array.shape)}; model input {spec.name!r} expects "
+                    f"{list(spec.shape)}",
+                )
+    if len(array) == 0:
+        raise EngineError("invalid_dataset", f"array {key!r} is empty")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise EngineError("invalid_dataset", f"array {key!r} holds NaN or infinite values")
+    return np.ascontiguousarray(array.astype(spec.dtype, copy=False))
+
+
+def _check_labels(array: np.ndarray, n: int, key: str) -> np.ndarray:
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise EngineError(
+            "invalid_dataset", f"{key!r} must be a 1-D array of integer labels, got {array.dtype} {list(array.shape)}"
+        )
+    if len(array) != n:
+        raise EngineError("invalid_dataset", f"{key!r} has {len(array)} labels for {n} rows")
+    return array.astype(np.int64, copy=False)
+
+
+def _common_length(x: Feeds, what: str) -> int:
+    lengths = {key: len(value) for key, value in x.items()}
+    if len(set(lengths.values())) != 1:
+        raise EngineError("invalid_dataset", f"the{what} input arrays differ in length: {lengths}")
+    return next(iter(lengths.values()))
+
+
+def synthetic_feeds(inputs: tuple[TensorSpec, ...], n: int, seed: int = 0) -> Feeds:
+    """Seeded random inputs of n rows: symbolic dims other than the batch become 1. For fidelity checks only.
+
+    Floats are uniform in [0, 1); integers are 0 or 1 (a safe index into any embedding, and a valid mask).
+    """
+    rng = np.random.default_rng(seed)
+    feeds: Feeds = {}
+    for spec in inputs:
+        if spec.shape is None:
+            raise EngineError("unsupported", f"input {spec.name!r} has no declared shape: cannot make sample inputs")
+        dims = tuple(d if isinstance(d, int) else 1 for d in spec.shape[1:])
+        shape = (n, *dims)
+        if spec.dtype.kind == "f":
+            feeds[spec.name] = rng.random(shape, dtype=np.float64).astype(spec.dtype)
+        elif spec.dtype.kind == "b":
+            feeds[spec.name] = rng.random(shape) < 0.5
+        else:
+            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
+    return feeds
+
+
+def slice_feeds(feeds: Feeds, start: int, stop: int) -> Feeds:
+    return {k: v[start:stop] for k, v in feeds.items()}
+
+
+def feeds_length(feeds: Feeds) -> int:
+    return len(next(iter(feeds.values())))
+
+
+def iter_batches(feeds: Feeds, batch_size: int, fixed_batch: int | None = None) -> Iterator[tuple[Feeds, int]]:
+    """Yield (batch, rows that are real) over all rows. A model with a fixed batch dim gets exactly that many rows
+    per call: the last batch is padded by repeating its last row (the caller drops the padded outputs)."""
+    size = fixed_batch or batch_size
+    n = feeds_length(feeds)
+    for start in range(0, n, size):
+        batch = slice_feeds(feeds, start, start + size)
+        real = feeds_length(batch)
+        if fixed_batch and real < fixed_batch:
+            batch = {k: np.concatenate([v, np.repeat(v[-1:], fixed_batch - real, axis=0)]) for k, v in batch.items()}
+        yield batch, real
+
+
+def batch_of(feeds: Feeds, size: int) -> Feeds:
+    """The first `size` rows, repeated cyclically when there are fewer (for a fixed batch dim larger than the data)."""
+    n = feeds_length(feeds)
+    if n >= size:
+        return slice_feeds(feeds, 0, size)
+    index = np.arange(size) % n
+    return {k: v[index] for k, v in feeds.items()}

@@ -1,0 +1,205 @@
+"""Safe loading of ONNX models and onnxruntime sessions over them.
+
+A model is read once into memory, parsed without following external-data references, refused if any tensor lives
+outside the file, and checked by onnx's checker; onnxruntime is then given those same bytes, never the path, so it
+runs exactly what was checked. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import reduce
+from operator import mul
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .core import EngineError
+from .data import Feeds, TensorSpec
+
+
+@dataclass(frozen=True)
+class OnnxModel:
+    path: Path
+    raw: bytes  # the exact bytes that were checked
+    proto: onnx.ModelProto
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.raw)
+
+    @property
+    def params(self) -> int:
+        return count_params(self.proto)
+
+    @property
+    def opset(self) -> int | None:
+        return next((o.version for o in self.proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def load_onnx_model(path: Path, error_code: str = "invalid_model") -> OnnxModel:
+    """Read, parse and check an ONNX file; any problem is EngineError(error_code)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise EngineError(error_code, f"cannot read the model file: {exc.strerror or exc}") from None
+    try:
+        proto = onnx.load(io.BytesIO(raw), load_external_data=False)
+    except Exception as exc:
+        raise EngineError(error_code, f"not an ONNX model: {type(exc).__name__}: {exc}") from None
+    external = next((t.name for t in _all_tensors(proto) if _uses_external_data(t)), None)
+    if external is not None:
+        raise EngineError(
+            error_code, f"tensor {external!r} is stored as external data; upload a single self-contained .onnx file"
+        )
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise EngineError(error_code, f"the ONNX model is invalid: {_first_line(exc)}") from None
+    initializer_names = {t.name for t in proto.graph.initializer}
+    graph_inputs = [v for v in proto.graph.input if v.name not in initializer_names]
+    if not graph_inputs:
+        raise EngineError(error_code, "the ONNX model has no inputs")
+    inputs = tuple(_tensor_spec(v, error_code, strict=True) for v in graph_inputs)
+    outputs = tuple(_tensor_spec(v, error_code, strict=False) for v in proto.graph.output)
+    return OnnxModel(Path(path), raw, proto, inputs, outputs)
+
+
+def count_params(proto: onnx.ModelProto) -> int:
+    """Elements in the main graph's initializers (dense and sparse)."""
+    dense = sum(_numel(t.dims) for t in proto.graph.initializer)
+    sparse = sum(_numel(t.values.dims) for t in proto.graph.sparse_initializer)
+    return int(dense + sparse)
+
+
+def _numel(dims) -> int:
+    return reduce(mul, dims, 1)
+
+
+def _uses_external_data(tensor: onnx.TensorProto) -> bool:
+    return tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor in the model: initializers, sparse ones, and tensor attributes, in subgraphs and functions."""
+    yield from _graph_tensors(proto.graph)
+    for function in proto.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("sparse_tensor"):
+            yield attr.sparse_tensor.values
+            yield attr.sparse_tensor.indices
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for graph in attr.graphs:
+            yield from _graph_tensors(graph)
+
+
+def _tensor_spec(value: onnx.ValueInfoProto, error_code: str, strict: bool) -> TensorSpec:
+    """strict (inputs): the value must be a tensor of a numpy-representable type with a known rank."""
+    if not value.type.HasField("tensor_type"):
+        if strict:
+            raise EngineError("unsupported", f"input {value.name!r} is not a tensor (sequences/maps are not supported)")
+        return TensorSpec(value.name, None, np.dtype("float32"))
+    tensor_type = value.type.tensor_type
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    except Exception:
+        if strict:
+            name = onnx.TensorProto.DataType.Name(tensor_type.elem_type) if tensor_type.elem_type else "undefined"
+            raise EngineError("unsupported", f"input {value.name!r} has element type {name}, not supported") from None
+        dtype = np.dtype("float32")
+    if dtype.kind not in "biuf" and strict:
+        raise EngineError("unsupported", f"input {value.name!r} has dtype {dtype}, not supported")
+    if not tensor_type.HasField("shape"):
+        if strict:
+            raise EngineError("unsupported", f"input {value.name!r} has no declared shape")
+        return TensorSpec(value.name, None, dtype)
+    dims: list[int | str | None] = []
+    for dim in tensor_type.shape.dim:
+        if dim.HasField("dim_value") and dim.dim_value > 0:
+            dims.append(int(dim.dim_value))
+        elif dim.HasField("dim_param") and dim.dim_param:
+            dims.append(dim.dim_param)
+        else:
+            dims.append(None)
+    if strict and not dims:
+        raise EngineError("unsupported", f"input {value.name!r} is a scalar: inputs need a batch dimension")
+    return TensorSpec(value.name, tuple(dims), dtype)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:500]
+
+
+# --- onnxruntime -----------------------------------------------------------------------------------------------
+
+
+def cpu_threads() -> int:
+    """Cores this process may use (its affinity mask, not the whole machine)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def execution_providers(device: str) -> list[str]:
+    """CUDA first when asked for and present in this onnxruntime build, else CPU only."""
+    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRunner:
+    """An onnxruntime session over a checked model; `run` returns every output as a numpy array."""
+
+    format = "onnx"
+
+    def __init__(self, model: OnnxModel, device: str, error_code: str = "invalid_model"):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = cpu_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only
+        try:
+            self.session = ort.InferenceSession(model.raw, options, providers=execution_providers(device))
+        except Exception as exc:
+            raise EngineError(error_code, f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+        self.model = model
+        self.inputs = model.inputs
+        self.provider = self.session.get_providers()[0]
+        self.threads = options.intra_op_num_threads
+
+    @property
+    def size_bytes(self) -> int:
+        return self.model.size_bytes
+
+    @property
+    def params(self) -> int:
+        return self.model.params
+
+    def run(self, feeds: Feeds) -> list[np.ndarray]:
+        return [np.asarray(out) for out in self.session.run(None, feeds)]
