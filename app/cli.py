@@ -111,7 +111,7 @@ def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 def cmd_example(settings: Settings, args) -> int:
     """Train a small CNN on scikit-learn's digits and write ONNX, TorchScript and an .npz (needs the engine extra)."""
-    return subprocess.call([sys.executable, "-m", "worker.examples", "--out", args.out])
+    return subprocess.call([sys.executable, "-m", "worker.examples", "--out", args.out, "--seed", str(args.seed)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_migrate)
 
     e = sub.add_parser("example", help="Write an example model (ONNX + TorchScript) and dataset (.npz).")
-    e.add_argument("--out", default="example")
+    e.add_argument("--out", default="example", help="Folder to write into (default: ./example).")
+    e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_example)
     return p
 

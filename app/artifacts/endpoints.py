@@ -16,6 +16,13 @@ router = APIRouter(tags=["artifacts"])
 ArtifactId = Path(pattern=ID_PATTERN, description="An artifact id.")
 
 
+def content_disposition(filename: str) -> str:
+    """An ASCII filename for every client (curl -J) plus the exact UTF-8 one (RFC 6266)."""
+    ascii_name = "".join(c if c.isascii() and c.isprintable() and c not in '"\\/' else "_" for c in filename)
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}"
+
+
+
 @router.get("/artifacts/{artifact_id}", response_model=ArtifactOut, responses=error_responses(NotFound))
 def get_artifact(session: SessionDep, owner: OwnerDep, artifact_id: str = ArtifactId):
     return service.to_out(service.get(session, owner, artifact_id))
@@ -34,7 +41,7 @@ def download_artifact(services: ServicesDep, session: SessionDep, owner: OwnerDe
     service.check_content(services.storage, row)
     etag = f'"{row.sha256}"'
     headers = {"ETag": etag, "Accept-Ranges": "bytes",
-               "Content-Disposition": f"attachment; filename*=UTF-8''{quote(row.filename)}"}
+               "Content-Disposition": content_disposition(row.filename)}
     if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
         return Response(status_code=304, headers=headers)
     size = row.size_bytes

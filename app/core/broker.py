@@ -1,6 +1,8 @@
 """The Celery app, configured from Settings. The API only sends tasks by name; worker/ adds the task code."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from celery import Celery
 
 from app.core.config import Settings
@@ -68,12 +70,12 @@ def check_broker(celery: Celery) -> None:
 
 
 def queue_depth(celery: Celery, queue: str) -> int | None:
-    """Messages waiting in a queue, where the transport can tell (Redis); None otherwise."""
+    """Messages waiting in a queue (Redis: the list's length; file-system broker: its message files)."""
     try:
+        if celery.conf.broker_url.startswith("filesystem"):
+            folder = Path(celery.conf.broker_transport_options["data_folder_in"])
+            return sum(1 for p in folder.iterdir() if p.name.endswith(f".{queue}.msg"))
         with celery.connection_for_read() as conn:
-            if conn.transport.driver_type != "redis":
-                return None
-            client = conn.default_channel.client
-            return int(client.llen(queue))
+            return int(conn.default_channel.client.llen(queue))
     except Exception:  # noqa: BLE001 - a metric, never a failure
         return None
