@@ -167,89 +167,103 @@ def _supervise(rt: Runtime, job: JobRow, attempt: int, spec: dict) -> Outcome:
         proc.stdin.close()
     except BrokenPipeError:
         pass
-    outcome = _watch(rt, job, attempt, proc, reports, work_dir)
+    outcome = _Watch(rt, job, attempt, proc, reports).run()
     if outcome.kind == "crash":
         tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
         log.warning("job %s: child crashed: %s\n%s", job.id, outcome.message, tail)
     return outcome
 
 
-def _watch(rt: Runtime, job: JobRow, attempt: int, proc: subprocess.Popen, reports: queue.Queue,
-           work_dir: Path) -> Outcome:
-    settings = rt.settings
-    deadline = time.monotonic() + settings.job_time_limit_s
-    next_beat = 0.0
-    last_progress_at = 0.0
-    pending: tuple[float, str] | None = None
-    final: Outcome | None = None
-    eof = False
-    while True:
-        try:
-            msg = reports.get(timeout=POLL_S)
-        except queue.Empty:
-            msg = False
+class _Watch:
+    """Follows one child process: its reports, its limits, the job's heartbeat and cancellation."""
+
+    def __init__(self, rt: Runtime, job: JobRow, attempt: int, proc: subprocess.Popen, reports: queue.Queue):
+        self.rt, self.job, self.attempt, self.proc, self.reports = rt, job, attempt, proc, reports
+        self.deadline = time.monotonic() + rt.settings.job_time_limit_s
+        self.next_beat = 0.0
+        self.last_progress_at = 0.0
+        self.pending: tuple[float, str] | None = None
+        self.final: Outcome | None = None
+        self.eof = False
+
+    def handle(self, msg: dict | None) -> None:
         if msg is None:
-            eof = True
-        elif msg:
-            kind = msg.get("type")
-            if kind == "progress":
-                pending = (float(msg.get("progress", 0.0)), str(msg.get("stage", "")))
-            elif kind == "device":
-                _safe_db(rt, lambda s: repo.set_device(s, job.id, str(msg.get("device", ""))))
-            elif kind == "result":
-                final = Outcome("result", result=msg)
-            elif kind == "error":
-                final = Outcome("error", str(msg.get("code", "engine_error")), str(msg.get("message", "")),
-                                transient=bool(msg.get("transient")))
+            self.eof = True
+            return
+        kind = msg.get("type")
+        if kind == "progress":
+            self.pending = (float(msg.get("progress", 0.0)), str(msg.get("stage", "")))
+        elif kind == "device":
+            device = str(msg.get("device", ""))
+            _safe_db(self.rt, lambda s: repo.set_device(s, self.job.id, device))
+        elif kind == "result":
+            self.final = Outcome("result", result=msg)
+        elif kind == "error":
+            self.final = Outcome("error", str(msg.get("code", "engine_error")), str(msg.get("message", "")),
+                                 transient=bool(msg.get("transient")))
+
+    def flush_progress(self, force: bool = False) -> None:
         now = time.monotonic()
-        if pending and (now - last_progress_at >= PROGRESS_MIN_INTERVAL_S or pending[0] >= 1.0):
-            p, stage = pending
-            _safe_db(rt, lambda s: repo.record_progress(s, job.id, attempt, p, stage))
-            pending, last_progress_at = None, now
-        if proc.poll() is not None:
-            while not eof:  # drain what the child wrote before it exited
-                try:
-                    late = reports.get(timeout=5.0)
-                except queue.Empty:
-                    break
-                if late is None:
-                    eof = True
-                elif late.get("type") == "result":
-                    final = Outcome("result", result=late)
-                elif late.get("type") == "error":
-                    final = Outcome("error", str(late.get("code", "engine_error")), str(late.get("message", "")),
-                                    transient=bool(late.get("transient")))
-            if pending:
-                p, stage = pending
-                _safe_db(rt, lambda s: repo.record_progress(s, job.id, attempt, p, stage))
-            if final is not None:
-                return final
-            rc = proc.returncode
-            if rc == -signal.SIGKILL:
-                return Outcome("crash", ErrorCode.out_of_memory, "the job's process was killed by the system "
-                               "(most likely out of memory)")
-            return Outcome("crash", ErrorCode.engine_crashed, f"the job's process exited with code {rc}",
-                           transient=True)
-        if now > deadline:
-            _kill(proc)
-            return Outcome("killed", ErrorCode.timeout, f"the job exceeded its time limit of "
-                           f"{settings.job_time_limit_s:g} s")
-        rss = _rss_tree(proc.pid)
+        if self.pending and (force or now - self.last_progress_at >= PROGRESS_MIN_INTERVAL_S):
+            progress, stage = self.pending
+            _safe_db(self.rt, lambda s: repo.record_progress(s, self.job.id, self.attempt, progress, stage))
+            self.pending, self.last_progress_at = None, now
+
+    def exited(self) -> Outcome:
+        while not self.eof:  # drain what the child wrote before it exited
+            try:
+                self.handle(self.reports.get(timeout=5.0))
+            except queue.Empty:
+                break
+        self.flush_progress(force=True)
+        if self.final is not None:
+            return self.final
+        rc = self.proc.returncode
+        if rc == -signal.SIGKILL:
+            return Outcome("crash", ErrorCode.out_of_memory,
+                           "the job's process was killed by the system (most likely out of memory)")
+        return Outcome("crash", ErrorCode.engine_crashed, f"the job's process exited with code {rc}",
+                       transient=True)
+
+    def check(self) -> Outcome | None:
+        """Limits, heartbeat and cancellation; an Outcome when the child had to be stopped."""
+        settings, now = self.rt.settings, time.monotonic()
+        if now > self.deadline:
+            _kill(self.proc)
+            return Outcome("killed", ErrorCode.timeout,
+                           f"the job exceeded its time limit of {settings.job_time_limit_s:g} s")
+        rss = _rss_tree(self.proc.pid)
         if rss > settings.job_memory_limit_bytes:
-            _kill(proc)
+            _kill(self.proc)
             return Outcome("killed", ErrorCode.out_of_memory, f"the job used {rss} bytes, over its memory limit "
                            f"of {settings.job_memory_limit_bytes} bytes")
-        if now >= next_beat:
-            next_beat = now + settings.heartbeat_interval_s
-            beat = _safe_db(rt, lambda s: repo.heartbeat(s, job.id, attempt))
-            if beat is not None:
-                ours, cancel = beat
-                if not ours:
-                    _kill(proc)
-                    return Outcome("killed", "lost_claim", "the job was taken over (its heartbeat had expired)")
-                if cancel:
-                    _kill(proc)
-                    return Outcome("killed", ErrorCode.cancelled, "cancelled by request")
+        if now < self.next_beat:
+            return None
+        self.next_beat = now + settings.heartbeat_interval_s
+        beat = _safe_db(self.rt, lambda s: repo.heartbeat(s, self.job.id, self.attempt))
+        if beat is None:  # database down: keep running, try again next beat
+            return None
+        ours, cancel = beat
+        if not ours:
+            _kill(self.proc)
+            return Outcome("killed", "lost_claim", "the job was taken over (its heartbeat had expired)")
+        if cancel:
+            _kill(self.proc)
+            return Outcome("killed", ErrorCode.cancelled, "cancelled by request")
+        return None
+
+    def run(self) -> Outcome:
+        while True:
+            try:
+                self.handle(self.reports.get(timeout=POLL_S))
+            except queue.Empty:
+                pass
+            self.flush_progress()
+            if self.proc.poll() is not None:
+                return self.exited()
+            stopped = self.check()
+            if stopped is not None:
+                return stopped
 
 
 def _safe_db(rt: Runtime, fn):

@@ -66,7 +66,7 @@ def check_broker(celery: Celery) -> None:
     """Raises when the broker cannot be reached."""
     with celery.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, timeout=2)
-        conn.default_channel  # opens a channel: for Redis this round-trips to the server
+        _ = conn.default_channel  # opens a channel: for Redis this round-trips to the server
 
 
 def queue_depth(celery: Celery, queue: str) -> int | None:

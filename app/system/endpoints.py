@@ -64,7 +64,7 @@ class _DbCollector:
             hist = HistogramMetricFamily("distillery_job_duration_seconds", "Wall time of finished jobs.",
                                          labels=["kind"])
             for kind, cumulative, total, count in jobs_repo.duration_histogram(session, DURATION_BUCKETS):
-                buckets = [(str(b), c) for b, c in zip(DURATION_BUCKETS, cumulative)] + [("+Inf", count)]
+                buckets = [(str(b), c) for b, c in zip(DURATION_BUCKETS, cumulative, strict=True)] + [("+Inf", count)]
                 hist.add_metric([kind], buckets, total)
             yield hist
             upload = GaugeMetricFamily("distillery_upload_bytes", "Bytes of stored uploads.", labels=["type"])

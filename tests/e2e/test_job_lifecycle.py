@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.app.test_api_uploads import upload_dataset, upload_model
-from tests.e2e.conftest import wait_for, wait_terminal
+from tests.e2e.conftest import wait_terminal
 from tests.helpers import digits, digits_npz_bytes, mlp_onnx_bytes
 
 pytestmark = pytest.mark.slow
