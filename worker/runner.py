@@ -35,7 +35,9 @@ def main(argv: list[str]) -> int:
                      progress=lambda p, stage: emit(type="progress", progress=float(p), stage=str(stage)))
     job = JobSpec(kind=spec["kind"], model_path=Path(spec["model_path"]), model_format=spec["model_format"],
                   dataset_path=Path(spec["dataset_path"]) if spec.get("dataset_path") else None,
-                  config=spec.get("config") or {})
+                  config=spec.get("config") or {}, builtin_dataset=spec.get("builtin_dataset"),
+                  student_model_path=Path(spec["student_model_path"]) if spec.get("student_model_path") else None,
+                  student_model_format=spec.get("student_model_format"))
     try:
         result = run_job(job, ctx)
     except EngineError as exc:

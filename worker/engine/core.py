@@ -11,7 +11,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 #: Every code an EngineError may carry. Each one is terminal: the job fails at once, without a retry.
-ERROR_CODES = frozenset({"invalid_model", "invalid_dataset", "unsupported", "cancelled", "result_invalid"})
+ERROR_CODES = frozenset({"invalid_model", "invalid_dataset", "unsupported", "cancelled", "result_invalid",
+                         "dataset_unavailable"})
 
 
 class EngineError(Exception):
@@ -44,6 +45,9 @@ class JobSpec:
     model_format: str  # "onnx" | "torchscript"
     dataset_path: Path | None  # an .npz, or None
     config: dict  # the job's config as JSON (validated by the API)
+    builtin_dataset: str | None = None  # "mnist" | "fashion-mnist" | "digits" (instead of dataset_path)
+    student_model_path: Path | None = None  # distill with {"student": {"model_id": ...}}: that model's file
+    student_model_format: str | None = None
 
 
 @dataclass
