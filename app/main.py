@@ -22,10 +22,14 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 
 
 def _validation_detail(exc: RequestValidationError) -> list[dict]:
+    from app.jobs.schemas import UNION_TAGS
+
     out = []
     for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",) or len(err.get("loc", ())) == 1]
-        # discriminated unions add the tag to the path (body -> quantize -> config); drop it for readability
+        raw = [str(p) for p in err.get("loc", ())]
+        # drop "body" and the tags that discriminated unions add (body.quantize.config.x -> config.x)
+        loc = [p for i, p in enumerate(raw) if not (i == 0 and p == "body" and len(raw) > 1)
+               and not (p in UNION_TAGS and i > 0 and raw[i - 1] in ("body", "student"))]
         out.append({"field": ".".join(loc), "message": err.get("msg", ""), "type": err.get("type", "")})
     return out
 
@@ -85,12 +89,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from app.jobs.endpoints import router as jobs_router
     from app.models.endpoints import router as models_router
     from app.system.endpoints import router as system_router
+    from app.workers.endpoints import router as workers_router
 
     app = FastAPI(title="Distillery", version="1.0.0", lifespan=lifespan,
                   description="Model compression as a service: upload a model, run a quantize/prune/distill job "
                               "on a worker, download the measured, compressed artifact.")
     install_error_handlers(app)
-    for router in (models_router, datasets_router, jobs_router, artifacts_router):
+    for router in (models_router, datasets_router, jobs_router, artifacts_router, workers_router):
         app.include_router(router, prefix="/v1")
     app.include_router(system_router)
     return app

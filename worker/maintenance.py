@@ -44,15 +44,34 @@ def resolve_queues(setting: str) -> list[str]:
     return [q.strip() for q in setting.split(",") if q.strip()]
 
 
+def probe_capabilities() -> dict:
+    """What the job processes can run here, asked of a child process (`python -m worker.probe`)."""
+    import json
+    import subprocess
+    import sys
+
+    try:
+        out = subprocess.run([sys.executable, "-m", "worker.probe"], capture_output=True, text=True, timeout=300)
+        if out.returncode == 0:
+            return json.loads(out.stdout)
+        log.warning("capability probe failed: %s", out.stderr[-2000:])
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        log.warning("capability probe failed: %s", exc)
+    return {}
+
+
 def register_worker(rt: Runtime, name: str) -> None:
     queues = ",".join(resolve_queues(rt.settings.worker_queues))
+    info = probe_capabilities()
+    device = info.get("device") or ("cuda" if "gpu" in queues else "cpu")
 
     def upsert(session):
         row = session.get(WorkerRow, name)
         if row is None:
-            session.add(WorkerRow(name=name, queues=queues, device="cuda" if "gpu" in queues else "cpu"))
+            session.add(WorkerRow(name=name, queues=queues, device=device, info=info))
         else:
-            row.queues, row.started_at, row.last_seen_at = queues, utcnow(), utcnow()
+            row.queues, row.device, row.info = queues, device, info
+            row.started_at = row.last_seen_at = utcnow()
 
     _in_tx(rt, upsert)
 

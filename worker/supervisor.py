@@ -94,8 +94,9 @@ def _claim(session, job_id: str, worker_name: str) -> JobRow | None:
 def _inputs(rt: Runtime, session, job: JobRow) -> dict | Outcome:
     model = session.get(ModelRow, job.model_id)
     dataset = session.get(DatasetRow, job.dataset_id) if job.dataset_id else None
+    student = session.get(ModelRow, job.student_model_id) if job.student_model_id else None
     paths = {}
-    for label, row in (("model", model), ("dataset", dataset)):
+    for label, row in (("model", model), ("dataset", dataset), ("student model", student)):
         if row is None:
             continue
         if not rt.storage.exists(row.sha256):
@@ -103,7 +104,8 @@ def _inputs(rt: Runtime, session, job: JobRow) -> dict | Outcome:
         paths[label] = str(rt.storage.local_path(row.sha256))
     return {"kind": job.kind, "model_path": paths["model"], "model_format": model.format,
             "model_name": model.name, "dataset_path": paths.get("dataset"), "config": job.config,
-            "device": job.device_requested}
+            "builtin_dataset": job.builtin_dataset, "student_model_path": paths.get("student model"),
+            "student_model_format": student.format if student else None, "device": job.device_requested}
 
 
 def _child_env() -> dict[str, str]:

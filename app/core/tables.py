@@ -47,6 +47,8 @@ class JobRow(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
     dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"), nullable=True)
+    builtin_dataset: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    student_model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id"), nullable=True)
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     device_requested: Mapped[str] = mapped_column(String(8), default="auto")
     queue: Mapped[str] = mapped_column(String(16), default="cpu")

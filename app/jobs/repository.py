@@ -185,7 +185,8 @@ def events_after(session: Session, job_id: str, seq: int) -> list[JobEventRow]:
 
 def active_using_model(session: Session, model_id: str) -> int:
     return session.scalar(select(func.count()).select_from(JobRow).where(
-        JobRow.model_id == model_id, JobRow.status.in_([s.value for s in ACTIVE]))) or 0
+        (JobRow.model_id == model_id) | (JobRow.student_model_id == model_id),
+        JobRow.status.in_([s.value for s in ACTIVE]))) or 0
 
 
 def counts_by_kind_status(session: Session) -> list[tuple[str, str, int]]:

@@ -16,18 +16,14 @@ from app.core.errors import Conflict, InvalidTransition, NotFound, Unprocessable
 from app.core.tables import JobRow, WorkerRow
 from app.datasets import service as datasets
 from app.jobs import repository as repo
-from app.jobs.schemas import JobCreate, JobError, JobOut
+from app.jobs.methods import METHODS, MethodRule, method_of
+from app.jobs.schemas import JobCreate, JobError, JobOut, ModelStudent
 from app.jobs.states import JobStatus
 from app.models import service as models
 
 log = logging.getLogger("distillery.jobs")
 
-# Which model formats each (kind, method) accepts today.
-SUPPORTED_FORMATS: dict[tuple[str, str], frozenset[str]] = {
-    ("quantize", "dynamic_int8"): frozenset({"onnx"}),
-    ("quantize", "static_int8"): frozenset({"onnx"}),
-}
-NEEDS_DATASET = {("quantize", "static_int8")}
+BUILTIN_PREFIX = "builtin:"
 
 
 def request_digest(body: JobCreate) -> str:
@@ -36,7 +32,8 @@ def request_digest(body: JobCreate) -> str:
 
 def to_out(row: JobRow) -> JobOut:
     return JobOut(
-        id=row.id, kind=row.kind, status=row.status, model_id=row.model_id, dataset_id=row.dataset_id,
+        id=row.id, kind=row.kind, status=row.status, model_id=row.model_id,
+        dataset_id=BUILTIN_PREFIX + row.builtin_dataset if row.builtin_dataset else row.dataset_id,
         config=row.config, device_requested=row.device_requested, progress=row.progress, stage=row.stage,
         attempts=row.attempts, max_attempts=row.max_attempts,
         error=JobError(code=row.error_code, message=row.error_message or "") if row.error_code else None,
@@ -78,21 +75,25 @@ def create(services: Services, session: Session, owner: str, body: JobCreate,
         if existing is not None:
             return _replay(existing, digest), False
     model = models.get(session, owner, body.model_id)
-    method = body.config.method
-    allowed = SUPPORTED_FORMATS.get((body.kind, method), frozenset())
-    if model.format not in allowed:
-        raise Unprocessable(f"{body.kind}/{method} does not support {model.format} models (supported: "
-                            f"{sorted(allowed)})", code="unsupported_model_format",
-                            detail={"format": model.format, "supported": sorted(allowed)})
-    if body.dataset_id:
+    method = method_of(body.kind, body.config)
+    rule = METHODS[(body.kind, method)]
+    _check_formats(body, method, rule, model.format)
+    dataset_id, builtin = None, None
+    if body.dataset_id and body.dataset_id.startswith(BUILTIN_PREFIX):
+        builtin = body.dataset_id.removeprefix(BUILTIN_PREFIX)
+    elif body.dataset_id:
         dataset = datasets.get(session, owner, body.dataset_id)
         _check_dataset_fits(model.info or {}, dataset.info or {})
-    elif (body.kind, method) in NEEDS_DATASET:
-        raise Unprocessable(f"{body.kind}/{method} needs a dataset_id (calibration data)", code="dataset_required",
-                            detail={"field": "dataset_id"})
+        dataset_id = dataset.id
+    elif rule.needs_dataset or getattr(body.config, "fine_tune", None) is not None:
+        what = f"{body.kind}/{method}" if rule.needs_dataset else "fine_tune"
+        raise Unprocessable(f"{what} needs a dataset_id (an uploaded .npz or builtin:mnist, builtin:fashion-mnist, "
+                            "builtin:digits)", code="dataset_required", detail={"field": "dataset_id"})
+    student_id = _student_model(session, owner, body)
     queue = _resolve_queue(session, services, body.device)
     row = JobRow(owner=owner, kind=body.kind, status=JobStatus.queued.value, model_id=model.id,
-                 dataset_id=body.dataset_id, config=body.config.model_dump(mode="json"),
+                 dataset_id=dataset_id, builtin_dataset=builtin, student_model_id=student_id,
+                 config=body.config.model_dump(mode="json"),
                  device_requested=body.device, queue=queue, progress=0.0,
                  stage="queued" if queue == "cpu" else "queued for a GPU worker",
                  max_attempts=services.settings.max_attempts, idempotency_key=idempotency_key,
@@ -108,6 +109,26 @@ def create(services: Services, session: Session, owner: str, body: JobCreate,
         return _replay(existing, digest), False
     dispatch(services, session, row)
     return to_out(row), True
+
+
+def _check_formats(body: JobCreate, method: str, rule: MethodRule, model_format: str) -> None:
+    if model_format not in rule.input_formats:
+        raise Unprocessable(f"{body.kind}/{method} does not support {model_format} models (supported: "
+                            f"{sorted(rule.input_formats)})", code="unsupported_model_format",
+                            detail={"format": model_format, "supported": sorted(rule.input_formats)})
+    wanted = body.config.output_format
+    if wanted is not None and wanted not in rule.output_formats:
+        raise Unprocessable(f"{body.kind}/{method} cannot write {wanted} (it writes: {sorted(rule.output_formats)})",
+                            code="unsupported_output_format",
+                            detail={"field": "config.output_format", "supported": sorted(rule.output_formats)})
+
+
+def _student_model(session: Session, owner: str, body: JobCreate) -> str | None:
+    student = getattr(body.config, "student", None)
+    if not isinstance(student, ModelStudent):
+        return None
+    row = models.get(session, owner, student.model_id)
+    return row.id
 
 
 def _replay(existing: JobRow, digest: str) -> JobOut:

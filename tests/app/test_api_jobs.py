@@ -133,3 +133,69 @@ def test_health_ready_metrics_openapi(client, model_id):
     assert "distillery_upload_bytes" in text
     spec = client.get("/openapi.json").json()
     assert {"/v1/models", "/v1/jobs", "/v1/jobs/{job_id}/events", "/v1/artifacts/{artifact_id}/content"} <= set(spec["paths"])
+
+
+def test_prune_and_distill_jobs_are_validated_and_queued(client, model_id, dataset_id):
+    prune = client.post("/v1/jobs", json={"kind": "prune", "model_id": model_id, "dataset_id": dataset_id, "config": {
+        "method": "channels", "ratio": 0.5, "fine_tune": {"epochs": 2}}})
+    assert prune.status_code == 202, prune.text
+    cfg = prune.json()["config"]
+    assert cfg["fine_tune"] == {"epochs": 2, "lr": 0.001, "distill": True} and cfg["round_to"] == 8
+    assert cfg["output_format"] is None
+    distill = client.post("/v1/jobs", json={"kind": "distill", "model_id": model_id, "dataset_id": "builtin:digits",
+                                            "config": {"student": {"arch": "mlp", "hidden": [32]}, "epochs": 3}})
+    assert distill.status_code == 202, distill.text
+    job = distill.json()
+    assert job["dataset_id"] == "builtin:digits" and job["config"]["student"] == {"arch": "mlp", "hidden": [32]}
+    assert job["config"]["temperature"] == 4.0 and job["config"]["alpha"] == 0.7
+    assert client.get(f"/v1/jobs/{job['id']}").json()["dataset_id"] == "builtin:digits"
+
+
+def test_kind_specific_rules(client, model_id):
+    err = _error(client.post("/v1/jobs", json={"kind": "distill", "model_id": model_id, "config": {
+        "student": {"shrink": 0.5}}}), 422, "dataset_required")
+    assert err["detail"]["field"] == "dataset_id"
+    _error(client.post("/v1/jobs", json={"kind": "prune", "model_id": model_id, "config": {
+        "method": "magnitude", "fine_tune": {"epochs": 1}}}), 422, "dataset_required")
+    _error(client.post("/v1/jobs", json={"kind": "quantize", "model_id": model_id, "config": {
+        "method": "static_int8", "output_format": "torchscript"}, "dataset_id": "builtin:digits"}), 422,
+        "unsupported_output_format")
+    _error(client.post("/v1/jobs", json={"kind": "distill", "model_id": model_id, "dataset_id": "builtin:mnist",
+                                         "config": {"student": {"model_id": "c" * 32}}}), 404, "model_not_found")
+    err = _error(client.post("/v1/jobs", json={"kind": "quantize", "model_id": model_id, "dataset_id": "builtin:cifar",
+                                               "config": {"method": "fp16"}}), 422, "validation_error")
+    assert err["detail"]["errors"][0]["field"] == "dataset_id"
+    err = _error(client.post("/v1/jobs", json={"kind": "distill", "model_id": model_id, "dataset_id": "builtin:mnist",
+                                               "config": {"student": {"arch": "rnn"}}}), 422, "validation_error")
+    assert err["detail"]["errors"][0]["field"] == "config.student"
+
+
+def test_student_model_is_in_use_while_the_job_runs(client, model_id):
+    student = upload_model(client, mlp_onnx_bytes(hidden=32), name="student").json()["id"]
+    job = client.post("/v1/jobs", json={"kind": "distill", "model_id": model_id, "dataset_id": "builtin:digits",
+                                        "config": {"student": {"model_id": student}}}).json()
+    _error(client.delete(f"/v1/models/{student}"), 409, "model_in_use")
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert client.delete(f"/v1/models/{student}").status_code == 204
+
+
+def test_capabilities_aggregate_live_workers(client, settings):
+    from app.core.db import Database, utcnow
+    from app.core.tables import WorkerRow
+
+    caps = client.get("/v1/capabilities").json()
+    assert caps == {"methods": [], "builtin_datasets": {}, "workers": []}
+    db = Database(settings)
+    method = {"kind": "quantize", "method": "static_int8", "input_formats": ["onnx"], "output_formats": ["onnx"]}
+    with db.session() as s:
+        s.add(WorkerRow(name="gpu1", queues="gpu", device="cuda", last_seen_at=utcnow(), info={
+            "methods": [{**method, "devices": ["cuda"]}], "builtin_datasets": {"mnist": True}}))
+        s.add(WorkerRow(name="cpu1", queues="cpu", device="cpu", last_seen_at=utcnow(), info={
+            "methods": [{**method, "input_formats": ["onnx", "torchscript"], "devices": ["cpu"]}],
+            "builtin_datasets": {"mnist": False, "digits": True}}))
+        s.commit()
+    db.dispose()
+    caps = client.get("/v1/capabilities").json()
+    assert caps["methods"] == [{**method, "input_formats": ["onnx", "torchscript"], "devices": ["cpu", "cuda"]}]
+    assert caps["builtin_datasets"] == {"mnist": True, "digits": True}
+    assert [(w["name"], w["live"]) for w in caps["workers"]] == [("cpu1", True), ("gpu1", True)]
