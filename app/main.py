@@ -4,9 +4,11 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from psycopg_pool import PoolTimeout
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -55,11 +57,14 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else code
         return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(OperationalError)
-    async def _db_down(_: Request, exc: OperationalError):
-        log.warning("database unavailable: %s", exc.orig)
+    async def _db_down(_: Request, exc: Exception):
+        log.warning("database unavailable: %s", getattr(exc, "orig", exc))
         return JSONResponse(error_body("database_unavailable", "the database is unavailable; retry shortly"),
-                              status_code=503, headers={"Retry-After": "2"})
+                            status_code=503, headers={"Retry-After": "2"})
+
+    # SQLAlchemy's, and the polling path's psycopg pool's, ways of saying the database is unreachable
+    for exc_type in (OperationalError, psycopg.OperationalError, PoolTimeout):
+        app.add_exception_handler(exc_type, _db_down)
 
     @app.exception_handler(DBAPIError)
     async def _db_error(_: Request, exc: DBAPIError):
@@ -80,9 +85,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         services = Services.build(settings)
         services.storage.clean_temp(older_than_s=3600)
+        await services.open()
         app.state.services = services
         yield
-        services.close()
+        await services.close()
 
     from app.artifacts.endpoints import router as artifacts_router
     from app.datasets.endpoints import router as datasets_router

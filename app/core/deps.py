@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from celery import Celery
 from fastapi import Depends, Request
@@ -14,6 +14,9 @@ from app.core.config import Settings
 from app.core.db import Database
 from app.core.storage import LocalStorage, make_storage
 
+if TYPE_CHECKING:
+    from app.jobs.fastread import JobReader
+
 
 @dataclass
 class Services:
@@ -21,16 +24,28 @@ class Services:
     db: Database
     storage: LocalStorage
     celery: Celery
+    job_reader: "JobReader | None" = None
 
     @classmethod
     def build(cls, settings: Settings) -> "Services":
-        return cls(settings, Database(settings), make_storage(settings), make_celery(settings))
+        reader = None
+        if settings.database_url.startswith("postgresql"):
+            from app.jobs.fastread import JobReader
 
-    def close(self) -> None:
+            reader = JobReader(settings.database_url)
+        return cls(settings, Database(settings), make_storage(settings), make_celery(settings), reader)
+
+    async def open(self) -> None:
+        if self.job_reader is not None:
+            await self.job_reader.open()
+
+    async def close(self) -> None:
+        if self.job_reader is not None:
+            await self.job_reader.close()
         self.db.dispose()
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
@@ -45,7 +60,7 @@ def get_session(services: ServicesDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def current_owner(services: ServicesDep) -> str:
+async def current_owner(services: ServicesDep) -> str:
     """One default owner until API keys arrive (every row already carries its owner)."""
     return services.settings.default_owner
 

@@ -45,9 +45,21 @@ def list_jobs(session: SessionDep, owner: OwnerDep, cursor: CursorQuery = None, 
     return Page[JobOut](items=[service.to_out(r) for r in rows], next_cursor=next_cursor(rows, limit))
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut, responses=error_responses(NotFound))
-def get_job(session: SessionDep, owner: OwnerDep, job_id: str = JobId):
-    return service.to_out(service.get(session, owner, job_id))
+def _get_job_json(services, owner: str, job_id: str) -> bytes:
+    with services.db.session() as session:
+        return service.to_out(service.get(session, owner, job_id)).model_dump_json().encode()
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=error_responses(NotFound),
+            summary="Read a job (the status-polling hot path)")
+async def get_job(services: ServicesDep, owner: OwnerDep, job_id: str = JobId):
+    if services.job_reader is not None:
+        body = await services.job_reader.job_json(owner, job_id)
+        if body is None:
+            raise NotFound(f"job {job_id} not found", code="job_not_found")
+    else:
+        body = await run_in_threadpool(_get_job_json, services, owner, job_id)
+    return Response(body, media_type="application/json")
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=error_responses(NotFound, InvalidTransition),

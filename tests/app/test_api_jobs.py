@@ -199,3 +199,24 @@ def test_capabilities_aggregate_live_workers(client, settings):
     assert caps["methods"] == [{**method, "input_formats": ["onnx", "torchscript"], "devices": ["cpu", "cuda"]}]
     assert caps["builtin_datasets"] == {"mnist": True, "digits": True}
     assert [(w["name"], w["live"]) for w in caps["workers"]] == [("cpu1", True), ("gpu1", True)]
+
+
+def test_polling_fast_path_matches_the_regular_rendering(client, settings, model_id):
+    """On PostgreSQL GET /v1/jobs/{id} skips the ORM; it must say exactly what JobOut says."""
+    from app.core.db import Database
+    from app.jobs import repository, service
+
+    job = submit(client, model_id, headers={"Idempotency-Key": "k"}).json()
+    db = Database(settings)
+    with db.session() as s:
+        repository.transition(s, job["id"], metrics={"result": {"x": 1.5, "nested": [1, None]}}, error_code="boom",
+                              error_message=None)
+        s.commit()
+        expected = service.to_out(service.get(s, "default", job["id"])).model_dump(mode="json")
+    db.dispose()
+    resp = client.get(f"/v1/jobs/{job['id']}")
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
+    assert resp.json() == expected
+    assert resp.json()["error"] == {"code": "boom", "message": ""}
+    assert resp.json()["created_at"].endswith("Z")
+    _error(client.get("/v1/jobs/" + "0" * 32), 404, "job_not_found")
