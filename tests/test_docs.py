@@ -23,10 +23,13 @@ def test_readme_test_command_is_what_ci_runs():
     assert test_cmd.strip() in ci
 
 
-def test_api_guide_documents_every_quantize_config_key():
-    from app.jobs.schemas import BenchmarkConfig, CalibrationConfig, QuantizeConfig
+def test_api_guide_documents_every_config_key():
+    from app.jobs import schemas
 
     guide = (ROOT / "docs" / "api.md").read_text()
-    for model in (QuantizeConfig, CalibrationConfig, BenchmarkConfig):
+    models = (schemas.QuantizeConfig, schemas.CalibrationConfig, schemas.BenchmarkConfig, schemas.PruneConfig,
+              schemas.FineTuneConfig, schemas.DistillConfig, schemas.MlpStudent, schemas.CnnStudent,
+              schemas.ShrinkStudent, schemas.ModelStudent, schemas.EarlyStopping, schemas.FeatureLoss)
+    for model in models:
         for key in model.model_fields:
             assert f"`{key}`" in guide, f"docs/api.md does not document config key {key!r}"
