@@ -63,8 +63,21 @@ def cmd_worker(settings: Settings, args) -> int:
     return 0  # not reached
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _is_loopback(host: str) -> bool:
+    return host in LOOPBACK or host.startswith("127.")
+
+
 def cmd_api(settings: Settings, args) -> int:
     import uvicorn
+
+    if settings.auth != "required":
+        print("refusing to start: `distillery api` is the production server and needs DISTILLERY_AUTH=required "
+              "(create keys with `distillery keys create --owner NAME`); for an open local server use "
+              "`distillery serve` on 127.0.0.1", file=sys.stderr)
+        return 2
 
     uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port,
                 workers=args.workers or settings.api_workers, log_level=settings.log_level.lower(),
@@ -78,8 +91,15 @@ def cmd_serve(settings: Settings, args) -> int:
 
     from app.core.migrate import upgrade
 
-    if not args.host.startswith("127.") and args.host not in ("localhost", "::1"):
-        log.warning("serving on %s: reachable from other machines, and there is no authentication yet", args.host)
+    if "auth" not in settings.model_fields_set:  # not chosen explicitly: open on loopback, keys elsewhere
+        settings = settings.model_copy(update={"auth": "open" if _is_loopback(args.host) else "required"})
+    if settings.auth == "open" and not _is_loopback(args.host):
+        print(f"refusing to serve {args.host} without authentication: listen on 127.0.0.1, or set "
+              "DISTILLERY_AUTH=required and use API keys", file=sys.stderr)
+        return 2
+    if settings.auth == "open":
+        log.warning("running OPEN on %s (no API key needed; everything belongs to owner %r): loopback only",
+                    args.host, settings.default_owner)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings)
     env = {**os.environ, "DISTILLERY_DATA_DIR": str(settings.data_dir), "DISTILLERY_WORKER_QUEUES": "cpu,gpu"
@@ -90,8 +110,10 @@ def cmd_serve(settings: Settings, args) -> int:
     log.info("data in %s; database %s; broker %s", settings.data_dir, _redact(settings.database_url),
              settings.broker_url)
     try:
-        uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, workers=1,
-                    log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+        from app.main import create_app
+
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level.lower(),
+                    timeout_graceful_shutdown=5)
     finally:
         _stop(worker)
     return 0
@@ -107,6 +129,37 @@ def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         log.warning("worker did not stop in %.0fs; killing it (its job is re-queued on the next start)", grace_s)
         proc.kill()
         proc.wait()
+
+
+def cmd_keys(settings: Settings, args) -> int:
+    from app.auth.keys import create_key, list_keys, revoke_key
+    from app.core.db import Database
+
+    db = Database(settings)
+    try:
+        with db.session() as session:
+            if args.keys_command == "create":
+                try:
+                    row, key = create_key(session, args.owner, admin=args.admin, label=args.label or "")
+                except ValueError as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    return 2
+                print(key)
+                print(f"key id {row.id} for owner {row.owner}{' (admin)' if row.admin else ''}; the key is shown "
+                      "only now: store it safely", file=sys.stderr)
+                return 0
+            if args.keys_command == "revoke":
+                if revoke_key(session, args.key_id):
+                    print(f"revoked {args.key_id}")
+                    return 0
+                print(f"error: no active key {args.key_id}", file=sys.stderr)
+                return 1
+            for row in list_keys(session):
+                state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active"
+                print(f"{row.id}  {row.owner:<24} {'admin' if row.admin else 'user ':<5}  {state:<18} {row.label}")
+            return 0
+    finally:
+        db.dispose()
 
 
 def cmd_example(settings: Settings, args) -> int:
@@ -138,6 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("migrate", help="Upgrade the database schema to the latest revision.")
     m.set_defaults(func=cmd_migrate)
+
+    k = sub.add_parser("keys", help="Create, list and revoke API keys (stored only as a hash).")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kc = ksub.add_parser("create", help="Create a key for an owner and print it (once).")
+    kc.add_argument("--owner", required=True, help="Owner name: letters, digits, '_', '.', '-'.")
+    kc.add_argument("--admin", action="store_true", help="Admin scope: sees every owner's resources.")
+    kc.add_argument("--label", default="", help="A note to recognise the key by.")
+    kr = ksub.add_parser("revoke", help="Revoke a key by its id (the 16 hex digits after dk_).")
+    kr.add_argument("key_id")
+    ksub.add_parser("list", help="List keys (ids, owners, state; never the secrets).")
+    k.set_defaults(func=cmd_keys)
 
     e = sub.add_parser("example", help="Write an example model (ONNX + TorchScript) and dataset (.npz).")
     e.add_argument("--out", default="example", help="Folder to write into (default: ./example).")

@@ -83,7 +83,7 @@ def redis_url():
     return REDIS_URL
 
 
-TABLES = ["job_events", "artifacts", "jobs", "datasets", "models", "workers"]
+TABLES = ["job_events", "artifacts", "jobs", "datasets", "models", "workers", "api_keys"]
 
 
 def _clean(url: str) -> None:
@@ -104,6 +104,7 @@ def make_settings(tmp_path: Path, db: str, broker: str, **overrides) -> Settings
     data_dir = tmp_path / "data"
     database_url = None if db == "sqlite" else db
     broker_url = None if broker == "filesystem" else broker
+    overrides.setdefault("auth", "open")  # as `distillery serve` on loopback; tests/app/test_auth.py covers keys
     settings = Settings(data_dir=data_dir, database_url=database_url, broker_url=broker_url, **overrides)
     if settings.database_url not in _migrated:
         upgrade(settings)

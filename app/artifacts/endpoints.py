@@ -8,7 +8,8 @@ from fastapi.responses import Response, StreamingResponse
 
 from app.artifacts import service
 from app.artifacts.schemas import ArtifactOut
-from app.core.deps import OwnerDep, ServicesDep, SessionDep
+from app.auth.deps import PrincipalDep
+from app.core.deps import ServicesDep, SessionDep
 from app.core.errors import NotFound, error_responses
 from app.core.ids import ID_PATTERN
 
@@ -24,8 +25,8 @@ def content_disposition(filename: str) -> str:
 
 
 @router.get("/artifacts/{artifact_id}", response_model=ArtifactOut, responses=error_responses(NotFound))
-def get_artifact(session: SessionDep, owner: OwnerDep, artifact_id: str = ArtifactId):
-    return service.to_out(service.get(session, owner, artifact_id))
+def get_artifact(session: SessionDep, who: PrincipalDep, artifact_id: str = ArtifactId):
+    return service.to_out(service.get(session, who.scope, artifact_id))
 
 
 @router.get("/artifacts/{artifact_id}/content", response_class=StreamingResponse,
@@ -34,10 +35,10 @@ def get_artifact(session: SessionDep, owner: OwnerDep, artifact_id: str = Artifa
                        206: {"content": {"application/octet-stream": {}}, "description": "The requested range."},
                        304: {"description": "Not modified (If-None-Match matched the ETag)."}},
             summary="Download (streamed; ETag = sha256; Range supported)")
-def download_artifact(services: ServicesDep, session: SessionDep, owner: OwnerDep, artifact_id: str = ArtifactId,
+def download_artifact(services: ServicesDep, session: SessionDep, who: PrincipalDep, artifact_id: str = ArtifactId,
                       range_: Annotated[str | None, Header(alias="Range", max_length=200)] = None,
                       if_none_match: Annotated[str | None, Header(max_length=200)] = None):
-    row = service.get(session, owner, artifact_id)
+    row = service.get(session, who.scope, artifact_id)
     service.check_content(services.storage, row)
     etag = f'"{row.sha256}"'
     headers = {"ETag": etag, "Accept-Ranges": "bytes",

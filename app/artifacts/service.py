@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import DistilleryError, NotFound
 from app.core.tables import ArtifactRow
+from app.models.repository import owned
 from app.artifacts.schemas import ArtifactOut
 
 RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -17,9 +18,9 @@ class RangeNotSatisfiable(DistilleryError):
     code = "range_not_satisfiable"
 
 
-def get(session: Session, owner: str, artifact_id: str) -> ArtifactRow:
-    row = session.scalars(select(ArtifactRow).where(ArtifactRow.id == artifact_id,
-                                                    ArtifactRow.owner == owner)).one_or_none()
+def get(session: Session, owner: str | None, artifact_id: str) -> ArtifactRow:
+    row = session.scalars(owned(select(ArtifactRow).where(ArtifactRow.id == artifact_id), ArtifactRow.owner,
+                                owner)).one_or_none()
     if row is None:
         raise NotFound(f"artifact {artifact_id} not found", code="artifact_not_found")
     return row

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,7 +29,18 @@ class Settings(BaseSettings):
     worker_queues: str = Field("auto", description="Queues a worker consumes: 'auto' (gpu when CUDA is present, else cpu) or a comma list.")
     worker_concurrency: int = Field(1, ge=1, description="Jobs one worker runs at once.")
     api_workers: int = Field(2, ge=1, description="uvicorn processes of `distillery api`.")
-    default_owner: str = Field("default", description="Owner of every resource until API keys arrive.")
+    auth: Literal["required", "open"] = Field("required", description="required: every /v1 request needs "
+                                              "`Authorization: Bearer <key>`. open: requests without a key act as "
+                                              "the default owner (only `distillery serve` on loopback allows it).")
+    default_owner: str = Field("default", description="Owner of keyless requests in open mode.")
+    auth_cache_s: float = Field(10.0, ge=0, description="How long an API process trusts a verified key (a revoked "
+                                "key stops working within this time).")
+    max_concurrent_jobs_per_owner: int = Field(20, ge=1, description="Queued + running jobs one owner may have "
+                                               "(429 past it).")
+    max_storage_bytes_per_owner: int = Field(50 * 1024**3, ge=1, description="Bytes of models, datasets and "
+                                             "artifacts one owner may store (413 past it).")
+    rate_limit_per_minute: int = Field(1200, ge=1, description="Requests per minute per owner and API process "
+                                       "(429 past it).")
     log_level: str = Field("INFO", description="Log level of the API and the workers.")
 
     @model_validator(mode="after")

@@ -15,6 +15,8 @@ from app.core.db import Database
 from app.core.storage import LocalStorage, make_storage
 
 if TYPE_CHECKING:
+    from app.auth.deps import RateLimiter
+    from app.auth.keys import KeyVerifier
     from app.jobs.fastread import JobReader
 
 
@@ -24,6 +26,8 @@ class Services:
     db: Database
     storage: LocalStorage
     celery: Celery
+    keys: "KeyVerifier"
+    rate_limiter: "RateLimiter"
     job_reader: "JobReader | None" = None
 
     @classmethod
@@ -33,7 +37,11 @@ class Services:
             from app.jobs.fastread import JobReader
 
             reader = JobReader(settings.database_url)
-        return cls(settings, Database(settings), make_storage(settings), make_celery(settings), reader)
+        from app.auth.deps import RateLimiter
+        from app.auth.keys import KeyVerifier
+
+        return cls(settings, Database(settings), make_storage(settings), make_celery(settings),
+                   KeyVerifier(settings.auth_cache_s), RateLimiter(settings.rate_limit_per_minute), reader)
 
     async def open(self) -> None:
         if self.job_reader is not None:
@@ -59,10 +67,3 @@ def get_session(services: ServicesDep) -> Iterator[Session]:
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
-
-async def current_owner(services: ServicesDep) -> str:
-    """One default owner until API keys arrive (every row already carries its owner)."""
-    return services.settings.default_owner
-
-
-OwnerDep = Annotated[str, Depends(current_owner)]

@@ -3,7 +3,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Path, Request
 from starlette.concurrency import run_in_threadpool
 
-from app.core.deps import OwnerDep, ServicesDep, SessionDep
+from app.auth.deps import PrincipalDep
+from app.core.deps import ServicesDep, SessionDep
 from app.core.errors import NotFound, PayloadTooLarge, Unprocessable, error_responses
 from app.core.ids import ID_PATTERN
 from app.core.pagination import CursorQuery, LimitQuery, next_cursor
@@ -25,18 +26,18 @@ MULTIPART_BODY = {"requestBody": {"required": True, "content": {"multipart/form-
 @router.post("/datasets", status_code=201, response_model=DatasetOut, openapi_extra=MULTIPART_BODY,
              responses=error_responses(UploadAborted, PayloadTooLarge, UnsupportedMediaType, Unprocessable),
              summary="Upload a dataset (.npz, validated without unpickling)")
-async def upload_dataset(request: Request, services: ServicesDep, owner: OwnerDep) -> DatasetOut:
+async def upload_dataset(request: Request, services: ServicesDep, who: PrincipalDep) -> DatasetOut:
     received = await receive_upload(request, services.storage, max_bytes=services.settings.max_upload_bytes)
-    return await run_in_threadpool(service.create_from_upload, services, owner, received)
+    return await run_in_threadpool(service.create_from_upload, services, who.owner, received)
 
 
 @router.get("/datasets", response_model=Page[DatasetOut])
-def list_datasets(session: SessionDep, owner: OwnerDep, cursor: CursorQuery = None, limit: LimitQuery = 50):
-    rows = service.list_page(session, owner, cursor, limit)
+def list_datasets(session: SessionDep, who: PrincipalDep, cursor: CursorQuery = None, limit: LimitQuery = 50):
+    rows = service.list_page(session, who.scope, cursor, limit)
     return Page[DatasetOut](items=[service.to_out(r) for r in rows], next_cursor=next_cursor(rows, limit))
 
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetOut, responses=error_responses(NotFound))
-def get_dataset(session: SessionDep, owner: OwnerDep,
+def get_dataset(session: SessionDep, who: PrincipalDep,
                 dataset_id: str = Path(pattern=ID_PATTERN, description="A dataset id.")) -> DatasetOut:
-    return service.to_out(service.get(session, owner, dataset_id))
+    return service.to_out(service.get(session, who.scope, dataset_id))

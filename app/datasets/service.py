@@ -9,7 +9,8 @@ from app.core.tables import DatasetRow
 from app.core.uploads import ReceivedUpload
 from app.datasets.schemas import DatasetOut
 from app.datasets.validate import DatasetRejected, validate_npz
-from app.models.service import clean_name, forget_content, store_received
+from app.models.repository import owned
+from app.models.service import check_quota, clean_name, forget_content, store_received
 
 
 def create_from_upload(services: Services, owner: str, received: ReceivedUpload) -> DatasetOut:
@@ -25,6 +26,7 @@ def create_from_upload(services: Services, owner: str, received: ReceivedUpload)
     with services.db.session() as session:
         row = DatasetRow(owner=owner, name=name, size_bytes=received.size_bytes, sha256=received.sha256, info=info)
         try:
+            check_quota(services, session, owner, received.size_bytes)
             session.add(row)
             session.commit()
         except BaseException:
@@ -39,15 +41,16 @@ def to_out(row: DatasetRow) -> DatasetOut:
                       created_at=row.created_at, **row.info)
 
 
-def get(session: Session, owner: str, dataset_id: str) -> DatasetRow:
-    row = session.scalars(select(DatasetRow).where(DatasetRow.id == dataset_id, DatasetRow.owner == owner)).one_or_none()
+def get(session: Session, owner: str | None, dataset_id: str) -> DatasetRow:
+    row = session.scalars(owned(select(DatasetRow).where(DatasetRow.id == dataset_id), DatasetRow.owner,
+                                owner)).one_or_none()
     if row is None:
         raise NotFound(f"dataset {dataset_id} not found", code="dataset_not_found")
     return row
 
 
-def list_page(session: Session, owner: str, cursor: str | None, limit: int) -> list[DatasetRow]:
-    stmt = select(DatasetRow).where(DatasetRow.owner == owner)
+def list_page(session: Session, owner: str | None, cursor: str | None, limit: int) -> list[DatasetRow]:
+    stmt = owned(select(DatasetRow), DatasetRow.owner, owner)
     if cursor:
         stmt = stmt.where(DatasetRow.id < cursor)
     return list(session.scalars(stmt.order_by(DatasetRow.id.desc()).limit(limit)))

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.core.deps import OwnerDep, ServicesDep, SessionDep
+from app.auth.deps import PrincipalDep
+from app.core.deps import ServicesDep, SessionDep
 from app.core.errors import Conflict, InvalidTransition, NotFound, Unprocessable, error_responses
 from app.core.ids import ID_PATTERN
 from app.core.pagination import CursorQuery, LimitQuery, next_cursor
@@ -27,10 +28,10 @@ SSE_KEEPALIVE_S = 15.0
 @router.post("/jobs", status_code=202, response_model=JobOut,
              responses=error_responses(NotFound, Conflict, Unprocessable),
              summary="Submit a job (committed, then enqueued by id)")
-def create_job(body: JobCreate, response: Response, services: ServicesDep, session: SessionDep, owner: OwnerDep,
+def create_job(body: JobCreate, response: Response, services: ServicesDep, session: SessionDep, who: PrincipalDep,
                idempotency_key: Annotated[str | None, Header(max_length=255, description=(
                    "Repeat a request safely: the same key returns the same job; a different body is a 409."))] = None):
-    job, created = service.create(services, session, owner, body, idempotency_key)
+    job, created = service.create(services, session, who, body, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
@@ -38,37 +39,37 @@ def create_job(body: JobCreate, response: Response, services: ServicesDep, sessi
 
 
 @router.get("/jobs", response_model=Page[JobOut], summary="List jobs, newest first")
-def list_jobs(session: SessionDep, owner: OwnerDep, cursor: CursorQuery = None, limit: LimitQuery = 50,
+def list_jobs(session: SessionDep, who: PrincipalDep, cursor: CursorQuery = None, limit: LimitQuery = 50,
               status: JobStatus | None = None, kind: Annotated[str | None, Query(max_length=16)] = None,
               model_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None):
-    rows = repo.list_page(session, owner, status=status, kind=kind, model_id=model_id, cursor=cursor, limit=limit)
+    rows = repo.list_page(session, who.scope, status=status, kind=kind, model_id=model_id, cursor=cursor, limit=limit)
     return Page[JobOut](items=[service.to_out(r) for r in rows], next_cursor=next_cursor(rows, limit))
 
 
-def _get_job_json(services, owner: str, job_id: str) -> bytes:
+def _get_job_json(services, owner: str | None, job_id: str) -> bytes:
     with services.db.session() as session:
         return service.to_out(service.get(session, owner, job_id)).model_dump_json().encode()
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=error_responses(NotFound),
             summary="Read a job (the status-polling hot path)")
-async def get_job(services: ServicesDep, owner: OwnerDep, job_id: str = JobId):
+async def get_job(services: ServicesDep, who: PrincipalDep, job_id: str = JobId):
     if services.job_reader is not None:
-        body = await services.job_reader.job_json(owner, job_id)
+        body = await services.job_reader.job_json(who.scope, job_id)
         if body is None:
             raise NotFound(f"job {job_id} not found", code="job_not_found")
     else:
-        body = await run_in_threadpool(_get_job_json, services, owner, job_id)
+        body = await run_in_threadpool(_get_job_json, services, who.scope, job_id)
     return Response(body, media_type="application/json")
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=error_responses(NotFound, InvalidTransition),
              summary="Cancel: a queued job at once, a running one within a few seconds")
-def cancel_job(session: SessionDep, owner: OwnerDep, job_id: str = JobId):
-    return service.cancel(session, owner, job_id)
+def cancel_job(session: SessionDep, who: PrincipalDep, job_id: str = JobId):
+    return service.cancel(session, who.scope, job_id)
 
 
-def _poll_events(services, owner: str, job_id: str, after: int):
+def _poll_events(services, owner: str | None, job_id: str, after: int):
     with services.db.session() as session:
         job = service.get(session, owner, job_id)
         return job.status, repo.events_after(session, job_id, after)
@@ -78,10 +79,10 @@ def _poll_events(services, owner: str, job_id: str, after: int):
     "description": "Server-Sent Events: one `status` event per change (id = sequence number, data = JobEventOut "
                    "JSON), ending after a terminal state. Reconnect with Last-Event-ID to resume.",
     "content": {"text/event-stream": {"schema": {"type": "string"}}}}}, response_class=StreamingResponse)
-async def job_events(request: Request, services: ServicesDep, owner: OwnerDep, job_id: str = JobId,
+async def job_events(request: Request, services: ServicesDep, who: PrincipalDep, job_id: str = JobId,
                      last_event_id: Annotated[str | None, Header(max_length=20)] = None):
     after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
-    status, first = await run_in_threadpool(_poll_events, services, owner, job_id, after)  # 404 before streaming
+    status, first = await run_in_threadpool(_poll_events, services, who.scope, job_id, after)  # 404 before streaming
 
     async def stream():
         nonlocal after, status
@@ -103,7 +104,7 @@ async def job_events(request: Request, services: ServicesDep, owner: OwnerDep, j
                 return
             await asyncio.sleep(SSE_POLL_S)
             idle += SSE_POLL_S
-            status, events = await run_in_threadpool(_poll_events, services, owner, job_id, after)
+            status, events = await run_in_threadpool(_poll_events, services, who.scope, job_id, after)
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

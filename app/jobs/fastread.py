@@ -18,6 +18,7 @@ _COLUMNS = ("id, kind, status, model_id, dataset_id, builtin_dataset, config::te
             "progress, stage, attempts, max_attempts, error_code, error_message, metrics::text AS metrics, "
             "artifact_id, worker, device, owner, created_at, started_at, finished_at, updated_at")
 _QUERY = f"SELECT {_COLUMNS} FROM jobs WHERE id = %s AND owner = %s"
+_QUERY_ANY_OWNER = f"SELECT {_COLUMNS} FROM jobs WHERE id = %s"
 _JSON_OPTS = orjson.OPT_UTC_Z
 
 
@@ -38,9 +39,11 @@ class JobReader:
     async def close(self) -> None:
         await self.pool.close()
 
-    async def job_json(self, owner: str, job_id: str) -> bytes | None:
+    async def job_json(self, owner: str | None, job_id: str) -> bytes | None:
+        """The job as JSON; owner None (an admin) reads any owner's job."""
         async with self.pool.connection(timeout=5) as conn:
-            cur = await conn.execute(_QUERY, (job_id, owner))
+            cur = await conn.execute(_QUERY, (job_id, owner)) if owner is not None else \
+                await conn.execute(_QUERY_ANY_OWNER, (job_id,))
             row = await cur.fetchone()
         return None if row is None else render(row)
 

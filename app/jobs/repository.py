@@ -23,9 +23,11 @@ def get_by_idempotency_key(session: Session, owner: str, key: str) -> JobRow | N
     return session.scalars(select(JobRow).where(JobRow.owner == owner, JobRow.idempotency_key == key)).one_or_none()
 
 
-def list_page(session: Session, owner: str, *, status: str | None, kind: str | None, model_id: str | None,
+def list_page(session: Session, owner: str | None, *, status: str | None, kind: str | None, model_id: str | None,
               cursor: str | None, limit: int) -> list[JobRow]:
-    stmt = select(JobRow).where(JobRow.owner == owner)
+    stmt = select(JobRow)
+    if owner is not None:
+        stmt = stmt.where(JobRow.owner == owner)
     if status:
         stmt = stmt.where(JobRow.status == status)
     if kind:
@@ -187,6 +189,11 @@ def active_using_model(session: Session, model_id: str) -> int:
     return session.scalar(select(func.count()).select_from(JobRow).where(
         (JobRow.model_id == model_id) | (JobRow.student_model_id == model_id),
         JobRow.status.in_([s.value for s in ACTIVE]))) or 0
+
+
+def active_of_owner(session: Session, owner: str) -> int:
+    return session.scalar(select(func.count()).select_from(JobRow).where(
+        JobRow.owner == owner, JobRow.status.in_([s.value for s in ACTIVE]))) or 0
 
 
 def counts_by_kind_status(session: Session) -> list[tuple[str, str, int]]:

@@ -10,9 +10,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.broker import send_run_job
+from app.auth.keys import Principal
 from app.core.db import utcnow
 from app.core.deps import Services
-from app.core.errors import Conflict, InvalidTransition, NotFound, Unprocessable
+from app.core.errors import Conflict, DistilleryError, InvalidTransition, NotFound, Unprocessable
 from app.core.tables import JobRow, WorkerRow
 from app.datasets import service as datasets
 from app.jobs import repository as repo
@@ -24,6 +25,11 @@ from app.models import service as models
 log = logging.getLogger("distillery.jobs")
 
 BUILTIN_PREFIX = "builtin:"
+
+
+class TooManyJobs(DistilleryError):
+    status_code = 429
+    code = "concurrent_jobs_limit"
 
 
 def request_digest(body: JobCreate) -> str:
@@ -66,15 +72,18 @@ def _resolve_queue(session: Session, services: Services, device: str) -> str:
     return "gpu" if live_gpu else "cpu"
 
 
-def create(services: Services, session: Session, owner: str, body: JobCreate,
+def create(services: Services, session: Session, who: Principal, body: JobCreate,
            idempotency_key: str | None) -> tuple[JobOut, bool]:
-    """Returns (job, created). A repeated Idempotency-Key returns the first job; a different body is a 409."""
+    """Returns (job, created). A repeated Idempotency-Key returns the first job; a different body is a 409.
+
+    The job belongs to the caller; the models and dataset it names must be visible to the caller."""
+    owner, scope = who.owner, who.scope
     digest = request_digest(body)
     if idempotency_key:
         existing = repo.get_by_idempotency_key(session, owner, idempotency_key)
         if existing is not None:
             return _replay(existing, digest), False
-    model = models.get(session, owner, body.model_id)
+    model = models.get(session, scope, body.model_id)
     method = method_of(body.kind, body.config)
     rule = METHODS[(body.kind, method)]
     _check_formats(body, method, rule, model.format)
@@ -82,14 +91,15 @@ def create(services: Services, session: Session, owner: str, body: JobCreate,
     if body.dataset_id and body.dataset_id.startswith(BUILTIN_PREFIX):
         builtin = body.dataset_id.removeprefix(BUILTIN_PREFIX)
     elif body.dataset_id:
-        dataset = datasets.get(session, owner, body.dataset_id)
+        dataset = datasets.get(session, scope, body.dataset_id)
         _check_dataset_fits(model.info or {}, dataset.info or {})
         dataset_id = dataset.id
     elif rule.needs_dataset or getattr(body.config, "fine_tune", None) is not None:
         what = f"{body.kind}/{method}" if rule.needs_dataset else "fine_tune"
         raise Unprocessable(f"{what} needs a dataset_id (an uploaded .npz or builtin:mnist, builtin:fashion-mnist, "
                             "builtin:digits)", code="dataset_required", detail={"field": "dataset_id"})
-    student_id = _student_model(session, owner, body)
+    student_id = _student_model(session, scope, body)
+    _check_concurrency(services, session, owner)
     queue = _resolve_queue(session, services, body.device)
     row = JobRow(owner=owner, kind=body.kind, status=JobStatus.queued.value, model_id=model.id,
                  dataset_id=dataset_id, builtin_dataset=builtin, student_model_id=student_id,
@@ -123,7 +133,16 @@ def _check_formats(body: JobCreate, method: str, rule: MethodRule, model_format:
                             detail={"field": "config.output_format", "supported": sorted(rule.output_formats)})
 
 
-def _student_model(session: Session, owner: str, body: JobCreate) -> str | None:
+def _check_concurrency(services: Services, session: Session, owner: str) -> None:
+    limit = services.settings.max_concurrent_jobs_per_owner
+    active = repo.active_of_owner(session, owner)
+    if active >= limit:
+        raise TooManyJobs(f"owner {owner!r} has {active} queued or running jobs, the limit is {limit}; wait for "
+                          "some to finish or cancel them", detail={"limit": "max_concurrent_jobs_per_owner",
+                                                                   "value": limit, "active": active})
+
+
+def _student_model(session: Session, owner: str | None, body: JobCreate) -> str | None:
     student = getattr(body.config, "student", None)
     if not isinstance(student, ModelStudent):
         return None
@@ -148,14 +167,14 @@ def dispatch(services: Services, session: Session, row: JobRow) -> None:
         session.commit()
 
 
-def get(session: Session, owner: str, job_id: str) -> JobRow:
+def get(session: Session, owner: str | None, job_id: str) -> JobRow:
     row = repo.get(session, job_id, owner)
     if row is None:
         raise NotFound(f"job {job_id} not found", code="job_not_found")
     return row
 
 
-def cancel(session: Session, owner: str, job_id: str) -> JobOut:
+def cancel(session: Session, owner: str | None, job_id: str) -> JobOut:
     row = get(session, owner, job_id)
     if row.status == JobStatus.queued:
         done = repo.cancel_queued(session, job_id)

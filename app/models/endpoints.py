@@ -3,7 +3,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.core.deps import OwnerDep, ServicesDep, SessionDep
+from app.auth.deps import PrincipalDep
+from app.core.deps import ServicesDep, SessionDep
 from app.core.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable, error_responses
 from app.core.ids import ID_PATTERN
 from app.core.pagination import CursorQuery, LimitQuery, next_cursor
@@ -25,23 +26,23 @@ MULTIPART_BODY = {"requestBody": {"required": True, "content": {"multipart/form-
 @router.post("/models", status_code=201, response_model=ModelOut, openapi_extra=MULTIPART_BODY,
              responses=error_responses(UploadAborted, PayloadTooLarge, UnsupportedMediaType, Unprocessable),
              summary="Upload a model (streamed, hashed, inspected)")
-async def upload_model(request: Request, services: ServicesDep, owner: OwnerDep) -> ModelOut:
+async def upload_model(request: Request, services: ServicesDep, who: PrincipalDep) -> ModelOut:
     received = await receive_upload(request, services.storage, max_bytes=services.settings.max_upload_bytes)
-    return await run_in_threadpool(service.create_from_upload, services, owner, received)
+    return await run_in_threadpool(service.create_from_upload, services, who.owner, received)
 
 
 @router.get("/models", response_model=Page[ModelOut])
-def list_models(session: SessionDep, owner: OwnerDep, cursor: CursorQuery = None, limit: LimitQuery = 50):
-    rows = repo.list_page(session, owner, cursor, limit)
+def list_models(session: SessionDep, who: PrincipalDep, cursor: CursorQuery = None, limit: LimitQuery = 50):
+    rows = repo.list_page(session, who.scope, cursor, limit)
     return Page[ModelOut](items=[service.to_out(r) for r in rows], next_cursor=next_cursor(rows, limit))
 
 
 @router.get("/models/{model_id}", response_model=ModelOut, responses=error_responses(NotFound))
-def get_model(session: SessionDep, owner: OwnerDep, model_id: str = ModelId) -> ModelOut:
-    return service.to_out(service.get(session, owner, model_id))
+def get_model(session: SessionDep, who: PrincipalDep, model_id: str = ModelId) -> ModelOut:
+    return service.to_out(service.get(session, who.scope, model_id))
 
 
 @router.delete("/models/{model_id}", status_code=204, responses=error_responses(NotFound, Conflict))
-def delete_model(services: ServicesDep, session: SessionDep, owner: OwnerDep, model_id: str = ModelId) -> Response:
-    service.delete(services, session, owner, model_id)
+def delete_model(services: ServicesDep, session: SessionDep, who: PrincipalDep, model_id: str = ModelId) -> Response:
+    service.delete(services, session, who.scope, model_id)
     return Response(status_code=204)

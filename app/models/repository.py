@@ -7,13 +7,18 @@ from app.core.db import utcnow
 from app.core.tables import ArtifactRow, DatasetRow, ModelRow
 
 
-def get(session: Session, owner: str, model_id: str) -> ModelRow | None:
-    return session.scalars(select(ModelRow).where(
-        ModelRow.id == model_id, ModelRow.owner == owner, ModelRow.deleted_at.is_(None))).one_or_none()
+def owned(stmt, column, owner: str | None):
+    """Restrict a query to one owner's rows; an admin (owner None) sees every owner's."""
+    return stmt if owner is None else stmt.where(column == owner)
 
 
-def list_page(session: Session, owner: str, cursor: str | None, limit: int) -> list[ModelRow]:
-    stmt = select(ModelRow).where(ModelRow.owner == owner, ModelRow.deleted_at.is_(None))
+def get(session: Session, owner: str | None, model_id: str) -> ModelRow | None:
+    stmt = select(ModelRow).where(ModelRow.id == model_id, ModelRow.deleted_at.is_(None))
+    return session.scalars(owned(stmt, ModelRow.owner, owner)).one_or_none()
+
+
+def list_page(session: Session, owner: str | None, cursor: str | None, limit: int) -> list[ModelRow]:
+    stmt = owned(select(ModelRow).where(ModelRow.deleted_at.is_(None)), ModelRow.owner, owner)
     if cursor:
         stmt = stmt.where(ModelRow.id < cursor)
     return list(session.scalars(stmt.order_by(ModelRow.id.desc()).limit(limit)))
@@ -30,3 +35,14 @@ def content_referenced(session: Session, sha256: str) -> bool:
     datasets = select(func.count()).select_from(DatasetRow).where(DatasetRow.sha256 == sha256)
     artifacts = select(func.count()).select_from(ArtifactRow).where(ArtifactRow.sha256 == sha256)
     return any(session.scalar(q) for q in (live_models, datasets, artifacts))
+
+
+def stored_bytes(session: Session, owner: str) -> int:
+    """What one owner stores: live models, datasets and artifacts."""
+    parts = (
+        select(func.coalesce(func.sum(ModelRow.size_bytes), 0)).where(ModelRow.owner == owner,
+                                                                     ModelRow.deleted_at.is_(None)),
+        select(func.coalesce(func.sum(DatasetRow.size_bytes), 0)).where(DatasetRow.owner == owner),
+        select(func.coalesce(func.sum(ArtifactRow.size_bytes), 0)).where(ArtifactRow.owner == owner),
+    )
+    return sum(int(session.scalar(q) or 0) for q in parts)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from app.core.deps import Services
-from app.core.errors import Conflict, NotFound, Unprocessable
+from app.core.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
 from app.core.tables import ModelRow
 from app.core.uploads import ReceivedUpload
 from app.jobs import repository as jobs_repo
@@ -22,6 +22,19 @@ def clean_name(raw: str | None, fallback: str) -> str:
 
 def store_received(services: Services, received: ReceivedUpload) -> None:
     services.storage.commit_temp(received.temp_path, received.sha256)
+
+
+class StorageLimit(PayloadTooLarge):
+    code = "storage_limit"
+
+
+def check_quota(services: Services, session: Session, owner: str, incoming: int) -> None:
+    limit = services.settings.max_storage_bytes_per_owner
+    used = repo.stored_bytes(session, owner)
+    if used + incoming > limit:
+        raise StorageLimit(f"owner {owner!r} stores {used} bytes; {incoming} more would pass the limit of {limit}",
+                           detail={"limit": "max_storage_bytes_per_owner", "value": limit, "used": used,
+                                   "incoming": incoming})
 
 
 def forget_content(services: Services, session: Session, sha256: str) -> None:
@@ -44,6 +57,7 @@ def create_from_upload(services: Services, owner: str, received: ReceivedUpload)
         row = ModelRow(owner=owner, name=name, format=info.format, size_bytes=received.size_bytes,
                        sha256=received.sha256, info=info.to_dict())
         try:
+            check_quota(services, session, owner, received.size_bytes)
             session.add(row)
             session.commit()
         except BaseException:
@@ -62,14 +76,14 @@ def to_out(row: ModelRow) -> ModelOut:
                                              details=info.get("details", {})))
 
 
-def get(session: Session, owner: str, model_id: str) -> ModelRow:
+def get(session: Session, owner: str | None, model_id: str) -> ModelRow:
     row = repo.get(session, owner, model_id)
     if row is None:
         raise NotFound(f"model {model_id} not found", code="model_not_found")
     return row
 
 
-def delete(services: Services, session: Session, owner: str, model_id: str) -> None:
+def delete(services: Services, session: Session, owner: str | None, model_id: str) -> None:
     row = get(session, owner, model_id)
     active = jobs_repo.active_using_model(session, model_id)
     if active:

@@ -9,7 +9,7 @@ from app.main import create_app
 
 def test_readyz_and_requests_when_everything_is_down(tmp_path):
     settings = Settings(data_dir=tmp_path, database_url="postgresql+psycopg://postgres@127.0.0.1:1/none",
-                        broker_url="redis://127.0.0.1:1/0")
+                        broker_url="redis://127.0.0.1:1/0", auth="open")
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         assert client.get("/healthz").status_code == 200
         ready = client.get("/readyz")

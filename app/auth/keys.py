@@ -1,0 +1,89 @@
+"""API keys: `dk_<id>.<secret>`; the database keeps the id, the owner and sha256(secret), never the secret."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.db import utcnow
+from app.core.tables import ApiKeyRow
+
+KEY_RE = re.compile(r"^dk_([0-9a-f]{16})\.([A-Za-z0-9_-]{20,100})$")
+OWNER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Principal:
+    owner: str
+    admin: bool = False
+    key_id: str | None = None
+
+    @property
+    def scope(self) -> str | None:
+        """The owner to filter reads by; None for an admin, who sees everything."""
+        return None if self.admin else self.owner
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_key(session: Session, owner: str, *, admin: bool = False, label: str = "") -> tuple[ApiKeyRow, str]:
+    if not OWNER_RE.match(owner):
+        raise ValueError("owner: 1-64 characters of letters, digits, '_', '.', '-'")
+    key_id = secrets.token_hex(8)
+    secret = secrets.token_urlsafe(32)
+    row = ApiKeyRow(id=key_id, owner=owner, label=label[:255], secret_sha256=_digest(secret), admin=admin)
+    session.add(row)
+    session.commit()
+    return row, f"dk_{key_id}.{secret}"
+
+
+def revoke_key(session: Session, key_id: str) -> bool:
+    row = session.get(ApiKeyRow, key_id)
+    if row is None or row.revoked_at is not None:
+        return False
+    row.revoked_at = utcnow()
+    session.commit()
+    return True
+
+
+def list_keys(session: Session) -> list[ApiKeyRow]:
+    return list(session.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at)))
+
+
+class KeyVerifier:
+    """Checks a presented key; remembers verified keys for `ttl_s` so the polling path costs no query."""
+
+    def __init__(self, ttl_s: float):
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+
+    def is_cached(self, token: str) -> bool:
+        hit = self._cache.get(token)
+        return hit is not None and time.monotonic() - hit[0] < self.ttl_s
+
+    def verify(self, session_factory, token: str) -> Principal | None:
+        """The key's principal, or None; `session_factory` is used only when the answer is not cached."""
+        m = KEY_RE.match(token)
+        if not m:
+            return None
+        key_id, secret = m.groups()
+        now = time.monotonic()
+        hit = self._cache.get(token)
+        if hit is not None and now - hit[0] < self.ttl_s:
+            return hit[1]
+        with session_factory() as session:
+            row = session.get(ApiKeyRow, key_id)
+        ok = row is not None and row.revoked_at is None and hmac.compare_digest(row.secret_sha256, _digest(secret))
+        principal = Principal(row.owner, row.admin, row.id) if ok else None
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[token] = (now, principal)
+        return principal
