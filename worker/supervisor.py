@@ -74,10 +74,9 @@ def run_job(rt: Runtime, job_id: str, worker_name: str) -> str:
     attempt = job.attempts
     inputs = _with_db_retry(rt, lambda s: _inputs(rt, s, job))
     if isinstance(inputs, Outcome):
-        outcome = inputs
-    else:
-        outcome = _supervise(rt, job, attempt, inputs)
-    return _record(rt, job, attempt, outcome)
+        return _record(rt, job, attempt, inputs, {})
+    provenance = inputs.pop("provenance")
+    return _record(rt, job, attempt, _supervise(rt, job, attempt, inputs), provenance)
 
 
 def _claim(session, job_id: str, worker_name: str) -> JobRow | None:
@@ -105,7 +104,9 @@ def _inputs(rt: Runtime, session, job: JobRow) -> dict | Outcome:
     return {"kind": job.kind, "model_path": paths["model"], "model_format": model.format,
             "model_name": model.name, "dataset_path": paths.get("dataset"), "config": job.config,
             "builtin_dataset": job.builtin_dataset, "student_model_path": paths.get("student model"),
-            "student_model_format": student.format if student else None, "device": job.device_requested}
+            "student_model_format": student.format if student else None, "device": job.device_requested,
+            "provenance": {f"{label.replace(' ', '_')}_sha256": row.sha256 for label, row in (
+                ("model", model), ("dataset", dataset), ("student model", student)) if row is not None}}
 
 
 def _child_env() -> dict[str, str]:
@@ -280,13 +281,13 @@ def _safe_db(rt: Runtime, fn):
         return None
 
 
-def _record(rt: Runtime, job: JobRow, attempt: int, outcome: Outcome) -> str:
+def _record(rt: Runtime, job: JobRow, attempt: int, outcome: Outcome, provenance: dict) -> str:
     work_dir = rt.settings.data_dir / "work" / f"{job.id}-{attempt}"
     try:
         if outcome.code == "lost_claim":
             return "lost"
         if outcome.kind == "result":
-            return _record_success(rt, job, attempt, outcome.result)
+            return _record_success(rt, job, attempt, outcome.result, provenance)
         if outcome.code == ErrorCode.cancelled:
             _with_db_retry(rt, lambda s: repo.fail(s, job.id, ErrorCode.cancelled, outcome.message, attempt=attempt,
                                                    status=JobStatus.cancelled))
@@ -302,7 +303,9 @@ def _record(rt: Runtime, job: JobRow, attempt: int, outcome: Outcome) -> str:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _record_success(rt: Runtime, job: JobRow, attempt: int, result: dict) -> str:
+def _record_success(rt: Runtime, job: JobRow, attempt: int, result: dict, provenance: dict) -> str:
+    """Store the artifact, then artifact row + metrics + succeeded in one commit. The metrics carry the sha256 of
+    every input and of the artifact, beside the library versions the engine reports, so a result can be traced."""
     path = Path(result["artifact_path"])
     sha, size = rt.storage.put_file(path)
     fmt = str(result.get("artifact_format", "onnx"))
@@ -313,7 +316,8 @@ def _record_success(rt: Runtime, job: JobRow, attempt: int, result: dict) -> str
         method = (job.config or {}).get("method", job.kind)
         artifact = ArtifactRow(owner=job.owner, job_id=job.id, format=fmt, size_bytes=size, sha256=sha,
                                filename=f"{stem}.{method}.{'onnx' if fmt == 'onnx' else 'pt'}")
-        return repo.succeed(session, job.id, attempt, artifact, result.get("metrics", {}))
+        metrics = {**result.get("metrics", {}), "provenance": {**provenance, "artifact_sha256": sha}}
+        return repo.succeed(session, job.id, attempt, artifact, metrics)
 
     done = _with_db_retry(rt, commit)
     if done is None:

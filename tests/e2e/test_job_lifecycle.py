@@ -49,6 +49,9 @@ def test_static_int8_from_upload_to_download(api, stack, start_worker, tmp_path)
     assert res["agreement"] > 0.9
 
     art = api.get(f"/v1/artifacts/{job['artifact_id']}").json()
+    assert m["provenance"] == {"model_sha256": model["sha256"], "dataset_sha256": dataset["sha256"],
+                               "artifact_sha256": art["sha256"]}
+    assert {"onnx", "onnxruntime", "numpy"} <= set(m["versions"])
     assert art["job_id"] == job["id"] and art["format"] == "onnx" and art["filename"].endswith(".onnx")
     full = api.get(f"/v1/artifacts/{art['id']}/content")
     assert full.status_code == 200 and len(full.content) == art["size_bytes"] == res["size_bytes"]
