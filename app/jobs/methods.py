@@ -21,7 +21,7 @@ METHODS: dict[tuple[str, str], MethodRule] = {
     ("quantize", "dynamic_int8"): MethodRule(BOTH, BOTH),
     ("quantize", "static_int8"): MethodRule(BOTH, frozenset({"onnx"}), needs_dataset=True),
     ("quantize", "fp16"): MethodRule(BOTH, BOTH),
-    ("quantize", "bf16"): MethodRule(frozenset({"torchscript"}), frozenset({"torchscript"})),
+    ("quantize", "bf16"): MethodRule(BOTH, frozenset({"torchscript"})),
     ("quantize", "auto"): MethodRule(BOTH, BOTH),
     ("prune", "magnitude"): MethodRule(BOTH, BOTH),
     ("prune", "channels"): MethodRule(BOTH, BOTH),

@@ -94,8 +94,9 @@ def create(services: Services, session: Session, who: Principal, body: JobCreate
         dataset = datasets.get(session, scope, body.dataset_id)
         _check_dataset_fits(model.info or {}, dataset.info or {})
         dataset_id = dataset.id
-    elif rule.needs_dataset or getattr(body.config, "fine_tune", None) is not None:
-        what = f"{body.kind}/{method}" if rule.needs_dataset else "fine_tune"
+    elif rule.needs_dataset or getattr(body.config, "fine_tune", None) is not None or model.format == "torchscript":
+        what = (f"{body.kind}/{method}" if rule.needs_dataset else "fine_tune" if model.format != "torchscript"
+                else "a TorchScript model (it declares no input shapes, so sample inputs come from the data)")
         raise Unprocessable(f"{what} needs a dataset_id (an uploaded .npz or builtin:mnist, builtin:fashion-mnist, "
                             "builtin:digits)", code="dataset_required", detail={"field": "dataset_id"})
     student_id = _student_model(session, scope, body)

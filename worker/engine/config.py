@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -65,12 +66,28 @@ class CalibrationConfig(ConfigBase):
 
 
 @dataclass(frozen=True)
+class FineTuneConfig(ConfigBase):
+    """Training after pruning: Adam, batch 128, seeded; with `distill` the original model is the teacher."""
+
+    epochs: int = 1
+    lr: float = 0.001
+    distill: bool = True
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError("fine_tune.epochs must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError("fine_tune.lr must be > 0")
+
+
+@dataclass(frozen=True)
 class MethodConfig(ConfigBase):
-    """Keys every method shares: how to measure, the accuracy budget and the artifact's format."""
+    """Keys every method shares: how to measure, the accuracy budget and the artifact's format (None: the upload's
+    format where the method can write it, else ONNX)."""
 
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     max_accuracy_drop: float = 0.01
-    output_format: str = "onnx"
+    output_format: Literal["onnx", "torchscript"] | None = None
 
     def validate(self) -> None:
         if self.max_accuracy_drop < 0:
@@ -92,6 +109,11 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # X | None: null (or absent) means "not given"
+        if value is None:
+            return None
+        (inner,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return _coerce(value, inner, where)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     if origin is Literal:

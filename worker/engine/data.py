@@ -4,13 +4,16 @@ The .npz holds `x` for a single-input model, or one array per model input named 
 (1-D integer labels), and optionally a held-out split `x_test`/`y_test` (or `<input>_test`). Without a held-out
 split the rows are split 80/20 with a fixed seed. Arrays are cast to the model's input dtypes. It is loaded with
 allow_pickle=False: an object array is refused, never unpickled.
+
+A job may name a built-in dataset instead (`builtin.py`: mnist, fashion-mnist, digits): `load_builtin_dataset`
+shapes its images for the model's single input and returns the same `Dataset`, with the built-in's own test split.
 """
 
 from __future__ import annotations
 
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +90,71 @@ def load_dataset(path: Path, inputs: tuple[TensorSpec, ...]) -> Dataset:
     except Exception as exc:
         raise EngineError("invalid_dataset", f"cannot read the dataset: {type(exc).__name__}: {exc}") from None
     return dataset_from_arrays(arrays, inputs)
+
+
+def load_job_dataset(
+    dataset_path: Path | None, builtin_dataset: str | None, inputs: tuple[TensorSpec, ...]
+) -> Dataset | None:
+    """The job's dataset: its .npz, or the built-in it names, or None when it has neither."""
+    if dataset_path is not None and builtin_dataset:
+        raise EngineError("invalid_dataset", "give either a dataset file or a built-in dataset, not both")
+    if builtin_dataset:
+        return load_builtin_dataset(builtin_dataset, inputs)
+    if dataset_path is not None:
+        return load_dataset(Path(dataset_path), inputs)
+    return None
+
+
+def load_builtin_dataset(name: str, inputs: tuple[TensorSpec, ...]) -> Dataset:
+    """A built-in dataset (builtin.BUILTIN_DATASETS) shaped for the model's single float input: (N, 1, H, W) as
+    shipped, or reshaped to the input's shape when the per-row element counts match (e.g. (N, 784) for an MLP).
+    EngineError("dataset_unavailable") when it is unknown or not installed here, "invalid_dataset" when it does not
+    fit the model."""
+    from .builtin import load_builtin_arrays
+
+    arrays = load_builtin_arrays(name)
+    if len(inputs) != 1:
+        raise EngineError(
+            "invalid_dataset",
+            f"builtin:{name} feeds one image input; the model has {len(inputs)} inputs "
+            f"({', '.join(spec.name for spec in inputs)})",
+        )
+    spec = inputs[0]
+    if spec.dtype.kind != "f":
+        raise EngineError(
+            "invalid_dataset",
+            f"builtin:{name} holds float images in 0..1; model input {spec.name!r} expects {spec.dtype}",
+        )
+    row_shape = _builtin_row_shape(name, arrays.x_train.shape[1:], spec)
+    dataset = dataset_from_arrays(
+        {
+            "x": arrays.x_train.reshape(len(arrays.x_train), *row_shape),
+            "y": arrays.y_train,
+            "x_test": arrays.x_test.reshape(len(arrays.x_test), *row_shape),
+            "y_test": arrays.y_test,
+        },
+        inputs,
+    )
+    return replace(dataset, test_source=arrays.test_source)
+
+
+def _builtin_row_shape(name: str, image: tuple[int, ...], spec: TensorSpec) -> tuple[int, ...]:
+    """The per-row shape to give the images (1, H, W) for `spec`: the same elements, laid out as the input wants."""
+    if spec.shape is None:
+        return image
+    wanted = spec.shape[1:]
+    size = int(np.prod(image))
+    # The natural layout for the input's rank: (1, H, W), (H, W) or flat.
+    natural = {3: image, 2: image[1:], 1: (size,)}.get(len(wanted))
+    if natural is not None and all(not isinstance(d, int) or d == n for d, n in zip(wanted, natural)):
+        return natural
+    if wanted and all(isinstance(d, int) for d in wanted) and int(np.prod(wanted)) == size:
+        return tuple(int(d) for d in wanted)  # type: ignore[arg-type]
+    raise EngineError(
+        "invalid_dataset",
+        f"builtin:{name} has images of shape {list(image)} ({size} values per row); model input {spec.name!r} "
+        f"expects {list(spec.shape)} (first dim = rows)",
+    )
 
 
 def dataset_from_arrays(arrays: dict[str, np.ndarray], inputs: tuple[TensorSpec, ...]) -> Dataset:

@@ -1,13 +1,23 @@
 """Metrics that compare a compressed model with its baseline, measured in the same run on the same device.
 
-Format-neutral: a model is anything with `run(feeds) -> [outputs]`, `size_bytes` and `params` (a `Runner`), so the
-same code measures ONNX and, later, TorchScript results. Quality is computed on the first output; timing runs the
-two models alternately so that machine noise hits both alike.
+Format-neutral: a model is anything with `run(feeds) -> [outputs]`, `size_bytes`, `params` and
+`peak_memory_bytes(feeds)` (a `Runner`: onnx_io.OnnxRunner, torch_io.TorchRunner), so ONNX and TorchScript are
+measured alike. Quality is computed on the first output; timing runs the models alternately so that machine noise
+hits all alike. When the result runs in another runtime than the upload, the upload converted to the result's
+runtime is measured too, and speedups compare the result with that: like with like.
+
+Peak memory is what one inference at the largest benchmarked batch needs beyond what is already allocated (the
+weights): torch's allocator peak on cuda; on the CPU the growth of this process's resident memory during the
+model's first run at that batch (sampled every millisecond, freed heap returned to the OS first). It is measured
+before any other run at that batch, so arenas the runtimes keep (onnxruntime's) are counted once; it is approximate.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +36,12 @@ SQNR_CAP_DB = 200.0
 EVAL_BATCH = 256
 
 
+#: How often the CPU peak-memory sampler reads the resident set size.
+RSS_SAMPLE_SECONDS = 0.001
+
+
 class Runner(Protocol):
+    format: str  # "onnx" | "torchscript"
     provider: str
 
     @property
@@ -36,6 +51,8 @@ class Runner(Protocol):
     def params(self) -> int: ...
 
     def run(self, feeds: Feeds) -> list[np.ndarray]: ...
+
+    def peak_memory_bytes(self, feeds: Feeds) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -158,61 +175,93 @@ def compare_models(
     fixed_batch: int | None,
     max_accuracy_drop: float,
     ctx: RunContext,
+    same_runtime: Runner | None = None,
 ) -> dict[str, Any]:
-    """Measure both models on `evaluation`: size, params, quality, fidelity and latency, then the ratios.
+    """Measure the models on `evaluation`: size, params, peak memory, quality, fidelity and latency, then the ratios.
 
+    `same_runtime` is the baseline converted to the result's runtime, when the result runs in another one than the
+    baseline: it is measured alike (metrics["baseline_same_runtime"]) and the speedup is computed against it.
     `ctx` reports progress over 0..1 of this step and is checked for cancellation between steps."""
     notes: list[str] = []
-    base: dict[str, Any] = {"size_bytes": int(baseline.size_bytes), "params": int(baseline.params)}
-    res: dict[str, Any] = {"size_bytes": int(result.size_bytes), "params": int(result.params)}
+    sides = {"baseline": baseline, "result": result}
+    if same_runtime is not None:
+        sides["baseline_same_runtime"] = same_runtime
+    measured: dict[str, dict[str, Any]] = {
+        name: {"size_bytes": int(runner.size_bytes), "params": int(runner.params)} for name, runner in sides.items()
+    }
+    base, res = measured["baseline"], measured["result"]
+    if same_runtime is not None:
+        measured["baseline_same_runtime"]["format"] = same_runtime.format
+        notes.append(
+            f"the result runs in {result.provider}, the upload in {baseline.provider}: speedups compare the result "
+            f"with the upload converted to {same_runtime.format} (baseline_same_runtime), like with like"
+        )
 
-    checkpoint(ctx, 0.0, "measuring accuracy (baseline and result)")
+    batch_sizes, batch_notes = plan_batch_sizes(benchmark.batch_sizes, len(evaluation), fixed_batch)
+    notes.extend(batch_notes)
+    checkpoint(ctx, 0.0, "measuring peak memory")
+    largest = batch_of(evaluation.feeds, max(batch_sizes))
+    for name, runner in sides.items():
+        measured[name]["peak_memory_bytes"] = int(runner.peak_memory_bytes(largest))
+
+    checkpoint(ctx, 0.05, "measuring accuracy (baseline and result)")
     accuracy_drop = None
     try:
-        base_out = predict(baseline, evaluation.feeds, fixed_batch, ctx)
-        checkpoint(ctx, 0.15, "measuring accuracy (result)")
-        res_out = predict(result, evaluation.feeds, fixed_batch, ctx)
+        outputs = {}
+        for i, (name, runner) in enumerate(sides.items()):
+            checkpoint(ctx, 0.05 + 0.25 * i / len(sides), f"measuring accuracy ({name.replace('_', ' ')})")
+            outputs[name] = predict(runner, evaluation.feeds, fixed_batch, ctx)
     except NotBatchedError as exc:
         notes.append(f"quality metrics skipped: {exc}")
     else:
-        res.update(fidelity_metrics(base_out, res_out))
+        base_out = outputs["baseline"]
+        for name in sides:
+            if name != "baseline":
+                measured[name].update(fidelity_metrics(base_out, outputs[name]))
         if evaluation.labels is None:
             notes.append("no labels: accuracy not measured (fidelity to the baseline only)")
         elif base_out.ndim != 2 or base_out.shape[1] < 2:
             shape = list(base_out.shape)
             notes.append(f"accuracy not measured: the first output has shape {shape}, not (rows, classes)")
         else:
-            base.update(classification_metrics(base_out, evaluation.labels))
-            res.update(classification_metrics(res_out, evaluation.labels))
+            for name in sides:
+                measured[name].update(classification_metrics(outputs[name], evaluation.labels))
             accuracy_drop = base["accuracy"] - res["accuracy"]
 
-    batch_sizes, batch_notes = plan_batch_sizes(benchmark.batch_sizes, len(evaluation), fixed_batch)
-    notes.extend(batch_notes)
-    base["latency_ms"], res["latency_ms"] = {}, {}
+    # Models compared with each other are timed together (alternating); the upload in another runtime alone, so
+    # that one runtime's worker threads do not slow the other's runs.
+    groups = [["baseline", "result"]]
+    if same_runtime is not None:
+        groups = [["baseline_same_runtime", "result"], ["baseline"]]
+    for name in sides:
+        measured[name]["latency_ms"] = {}
     for i, size in enumerate(batch_sizes):
         checkpoint(ctx, 0.3 + 0.7 * i / len(batch_sizes), f"measuring latency at batch {size} (baseline and result)")
-        base_stats, res_stats = measure_latency(
-            [baseline, result],
-            batch_of(evaluation.feeds, size),
-            benchmark.repeats,
-            benchmark.warmup,
-            check=lambda: raise_if_cancelled(ctx, "measuring latency"),
-        )
-        base["latency_ms"][str(size)] = base_stats
-        res["latency_ms"][str(size)] = res_stats
+        for group in groups:
+            stats = measure_latency(
+                [sides[name] for name in group],
+                batch_of(evaluation.feeds, size),
+                benchmark.repeats,
+                benchmark.warmup,
+                check=lambda: raise_if_cancelled(ctx, "measuring latency"),
+            )
+            for name, side_stats in zip(group, stats):
+                measured[name]["latency_ms"][str(size)] = side_stats
     ctx.progress(1.0, "measured")
 
+    reference = measured["baseline_same_runtime" if same_runtime is not None else "baseline"]
     speedup = {
-        key: _ratio(base["latency_ms"][key]["p50"], res["latency_ms"][key]["p50"]) for key in base["latency_ms"]
+        key: _ratio(reference["latency_ms"][key]["p50"], res["latency_ms"][key]["p50"]) for key in res["latency_ms"]
     }
     metrics: dict[str, Any] = {
-        "baseline": base,
-        "result": res,
+        **measured,
         "ratios": {
             "size": _ratio(res["size_bytes"], base["size_bytes"]),
             "params": _ratio(res["params"], base["params"]),
+            "peak_memory": _ratio(res["peak_memory_bytes"], reference["peak_memory_bytes"]),
             "speedup": speedup,
         },
+        "peak_memory": {"batch_size": max(batch_sizes), "measure": _peak_memory_measure(result)},
         "slower_than_baseline": any(s is not None and s < 1.0 for s in speedup.values()),
         "max_accuracy_drop": max_accuracy_drop,
         "evaluation": {"data": evaluation.source, "rows": len(evaluation), "labels": evaluation.labels is not None},
@@ -229,6 +278,48 @@ def compare_models(
         metrics["accuracy_drop"] = accuracy_drop
         metrics["within_accuracy_budget"] = accuracy_drop <= max_accuracy_drop + 1e-9
     return metrics
+
+
+def rss_peak_growth(run: Callable[[], Any]) -> int:
+    """How far this process's resident set grew above its level before `run()`, at its peak during the call
+    (sampled every RSS_SAMPLE_SECONDS, and once after). Freed heap is returned to the OS first (glibc malloc_trim),
+    so memory a previous run freed does not hide this one's."""
+    import psutil
+
+    process = psutil.Process()
+    _trim_heap()
+    start = process.memory_info().rss
+    peak = start
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            done.wait(RSS_SAMPLE_SECONDS)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        run()
+    finally:
+        done.set()
+        sampler.join()
+    return max(0, max(peak, process.memory_info().rss) - start)
+
+
+def _trim_heap() -> None:
+    name = ctypes.util.find_library("c")
+    if name:
+        libc = ctypes.CDLL(name)
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+
+
+def _peak_memory_measure(runner: Runner) -> str:
+    if runner.provider == "torch (cuda)":
+        return "torch cuda allocator peak above the memory allocated before the run"
+    return "growth of the process resident memory during the first run at this batch (approximate)"
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:

@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from .core import EngineError
 from .data import Feeds, TensorSpec
+from .measure import rss_peak_growth
 
 
 @dataclass(frozen=True)
@@ -203,3 +204,7 @@ class OnnxRunner:
 
     def run(self, feeds: Feeds) -> list[np.ndarray]:
         return [np.asarray(out) for out in self.session.run(None, feeds)]
+
+    def peak_memory_bytes(self, feeds: Feeds) -> int:
+        """Resident-memory growth of the process during one run (host memory, also under the CUDA provider)."""
+        return rss_peak_growth(lambda: self.run(feeds))

@@ -4,35 +4,100 @@
     def quantize_dynamic_int8(job: PreparedJob, config: DynamicInt8Config, ctx: RunContext) -> Artifact: ...
 
 A handler gets the loaded, validated model and dataset, writes its artifact under `job.work_dir` (scratch files
-under `job.scratch_dir`, which is removed afterwards) and returns an `Artifact`; `run_job` then verifies and
-measures it the same way for every method.
+under `job.scratch_dir`, which is removed afterwards) in `job.output_format` and returns an `Artifact`; `run_job`
+then verifies and measures it the same way for every method.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from torch import nn
 
 from .core import EngineError, RunContext
-
-if TYPE_CHECKING:
-    from .data import Dataset
-    from .onnx_io import OnnxModel
+from .data import Dataset, Feeds, batch_of, fixed_batch_size
+from .measure import Evaluation, Runner
+from .onnx_io import OnnxModel, OnnxRunner
+from .torch_io import (
+    TorchRunner,
+    TorchScriptModel,
+    export_torchscript,
+    load_torchscript_model,
+    onnx_to_torch,
+    torchscript_to_onnx,
+    torchscript_to_torch,
+)
 
 MODEL_FORMATS = ("onnx", "torchscript")
 
 
 @dataclass(frozen=True)
 class PreparedJob:
-    """What a handler works on: the loaded model, the loaded dataset (or None) and where to write."""
+    """What a handler works on: the upload (loaded and run once), the dataset (or None), the rows models are
+    measured on, the format to write and where to write it.
 
-    model: OnnxModel
-    model_format: str
+    The upload in other shapes is built on first use and kept: `onnx` (the upload as ONNX), `trainable()` (a fresh
+    trainable copy each call) and `runner(format)` (the upload running in that format's runtime)."""
+
+    model: OnnxModel | TorchScriptModel  # the upload, in `model_format`
+    model_format: str  # "onnx" | "torchscript"
     dataset: Dataset | None
+    evaluation: Evaluation  # the test split, or seeded random rows without a dataset
+    output_format: str  # the artifact's format: config.output_format, else the upload's where the method allows
+    device: str  # "cpu" | "cuda"
     work_dir: Path
     scratch_dir: Path
+    builtin_dataset: str | None = None
+    student_model_path: Path | None = None
+    student_model_format: str | None = None
+    runners: dict[str, Runner] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def inputs(self):
+        return self.model.inputs
+
+    def example_feeds(self, rows: int = 2) -> Feeds:
+        """`rows` rows of the training split (or of the evaluation rows); a fixed batch dim's size if the model has
+        one. For tracing, exporting and counting."""
+        source = self.dataset.train.x if self.dataset is not None else self.evaluation.feeds
+        return batch_of(source, fixed_batch_size(self.inputs) or rows)
+
+    @cached_property
+    def onnx(self) -> OnnxModel:
+        """The upload as ONNX: itself, or the TorchScript upload exported (EngineError("unsupported") if it cannot)."""
+        if isinstance(self.model, OnnxModel):
+            return self.model
+        return torchscript_to_onnx(self.model, self.scratch_dir / "upload.onnx", self.example_feeds())
+
+    @cached_property
+    def _trainable(self) -> nn.Module:
+        if isinstance(self.model, OnnxModel):
+            return onnx_to_torch(self.model.proto)
+        return torchscript_to_torch(self.model, self.example_feeds())
+
+    def trainable(self) -> nn.Module:
+        """A fresh trainable torch module with the upload's weights (fx GraphModule; `input_names` and
+        `output_names` as the upload's). EngineError("unsupported") names an op that cannot be converted."""
+        return copy.deepcopy(self._trainable)
+
+    def runner(self, model_format: str) -> Runner:
+        """The upload running in `model_format`'s runtime on the job's device (converted if needed)."""
+        if model_format not in self.runners:
+            self.runners[model_format] = self._make_runner(model_format)
+        return self.runners[model_format]
+
+    def _make_runner(self, model_format: str) -> Runner:
+        if model_format == "onnx":
+            return OnnxRunner(self.onnx, self.device, error_code="unsupported")
+        if isinstance(self.model, TorchScriptModel):
+            return TorchRunner(self.model, self.device)
+        path = export_torchscript(self.trainable(), self.example_feeds(), self.scratch_dir / "upload.pt")
+        return TorchRunner(load_torchscript_model(path, self.inputs, error_code="unsupported"), self.device)
 
 
 @dataclass(frozen=True)
@@ -55,6 +120,23 @@ class Method:
     handler: Handler
     input_formats: tuple[str, ...]
     output_formats: tuple[str, ...]
+    needs_dataset: bool
+
+    def output_format(self, requested: str | None, model_format: str) -> str:
+        """The artifact's format: `requested`, else the upload's where this method writes it, else ONNX (else the
+        first it writes). EngineError("unsupported") when `requested` is one it cannot write."""
+        if requested is None:
+            for candidate in (model_format, "onnx"):
+                if candidate in self.output_formats:
+                    return candidate
+            return self.output_formats[0]
+        if requested not in self.output_formats:
+            raise EngineError(
+                "unsupported",
+                f"{self.kind} method {self.name!r} cannot write {requested!r} "
+                f"(it writes: {', '.join(self.output_formats)})",
+            )
+        return requested
 
 
 _METHODS: dict[tuple[str, str], Method] = {}
@@ -68,6 +150,7 @@ def register(
     *,
     input_formats: tuple[str, ...] = ("onnx",),
     output_formats: tuple[str, ...] = ("onnx",),
+    needs_dataset: bool = False,
     default: bool = False,
 ) -> Callable[[Handler], Handler]:
     """Register `handler` for (kind, name); `default` makes it the method used when the config names none."""
@@ -76,7 +159,9 @@ def register(
         key = (kind, name)
         if key in _METHODS:
             raise ValueError(f"method {kind}/{name} is registered twice")
-        _METHODS[key] = Method(kind, name, config_cls, handler, tuple(input_formats), tuple(output_formats))
+        _METHODS[key] = Method(
+            kind, name, config_cls, handler, tuple(input_formats), tuple(output_formats), needs_dataset
+        )
         if default:
             _DEFAULT_METHODS[kind] = name
         return handler
@@ -98,9 +183,19 @@ def find_method(kind: str, name: str | None) -> Method:
     return method
 
 
+def default_method(kind: str) -> str | None:
+    """The method a job of `kind` gets when its config names none (None: it must name one)."""
+    return _DEFAULT_METHODS.get(kind)
+
+
+def all_methods() -> list[Method]:
+    """Every registered method, sorted by (kind, name)."""
+    return [_METHODS[key] for key in sorted(_METHODS)]
+
+
 def registered_methods() -> dict[str, list[str]]:
     """{kind: [method, ...]} for every registered method."""
     out: dict[str, list[str]] = {}
-    for kind, name in sorted(_METHODS):
-        out.setdefault(kind, []).append(name)
+    for method in all_methods():
+        out.setdefault(method.kind, []).append(method.name)
     return out

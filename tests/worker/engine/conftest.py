@@ -24,6 +24,14 @@ def example(tmp_path_factory) -> dict:
     return {**summary, "dir": out}
 
 
+@pytest.fixture(scope="session")
+def small_example(tmp_path_factory) -> dict:
+    """The example CNN at width 16 (fast to prune, convert and fine-tune), trained briefly; same files and dataset."""
+    out = tmp_path_factory.mktemp("small_example")
+    summary = write_example(out, seed=0, epochs=6, width=16)
+    return {**summary, "dir": out}
+
+
 class Runner:
     """Runs jobs in fresh work folders under tmp_path and records the progress they report."""
 
@@ -41,13 +49,14 @@ class Runner:
         kind: str = "quantize",
         model_format: str = "onnx",
         is_cancelled=lambda: False,
+        device: str = "cpu",
     ) -> JobResult:
         self._count += 1
         work_dir = self.tmp_path / f"work{self._count}"
         work_dir.mkdir()
         self.progress = []
         ctx = RunContext(
-            device="cpu",
+            device=device,
             work_dir=work_dir,
             progress=lambda p, stage: self.progress.append((p, stage)),
             is_cancelled=is_cancelled,

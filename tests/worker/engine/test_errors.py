@@ -75,9 +75,12 @@ def test_model_failing_the_checker_is_invalid_model(run, tmp_path):
         ("quantize", {"method": "int4_magic"}, "onnx"),
         ("quantize", {"method": 3}, "onnx"),
         ("teleport", {"method": "dynamic_int8"}, "onnx"),
-        ("quantize", {"method": "dynamic_int8"}, "torchscript"),
         ("quantize", {"method": "dynamic_int8"}, "keras"),
-        ("quantize", {"method": "dynamic_int8", "output_format": "torchscript"}, "onnx"),
+        ("quantize", {"method": "static_int8", "output_format": "torchscript"}, "onnx"),
+        ("quantize", {"method": "bf16", "output_format": "onnx"}, "onnx"),
+        ("prune", {"method": "magnitude", "sparsity": 0.995}, "onnx"),
+        ("prune", {"method": "channels", "ratio": 0.0}, "onnx"),
+        ("prune", {}, "onnx"),
         ("quantize", {"method": "static_int8", "calibration": {"method": "magic"}}, "onnx"),
         ("quantize", {"method": "static_int8", "calibration": {"samples": "many"}}, "onnx"),
         ("quantize", {"method": "dynamic_int8", "benchmark": {"batch_sizes": []}}, "onnx"),
@@ -90,9 +93,36 @@ def test_unsupported_requests(run, example, kind, config, model_format):
     assert excinfo.value.message
 
 
-def test_torchscript_message_is_clear(run, example):
-    with pytest.raises(EngineError, match="torchscript"):
+def test_torchscript_without_a_dataset_is_invalid_dataset(run, example):
+    """TorchScript declares no input shapes: the dataset gives them."""
+    with pytest.raises(EngineError) as excinfo:
         run(example["torchscript"], {"method": "dynamic_int8"}, model_format="torchscript")
+    assert _code(excinfo) == "invalid_dataset"
+    assert "input shapes" in excinfo.value.message
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pickle"])
+def test_non_torchscript_file_is_invalid_model(run, example, tmp_path, suffix):
+    import pickle
+    import zipfile
+
+    path = tmp_path / f"model{suffix}"
+    if suffix == ".onnx":
+        path.write_bytes(Path(example["onnx"]).read_bytes())
+    else:  # a zip with data.pkl but no code/: a pickled nn.Module, which would run arbitrary Python on load
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("model/data.pkl", pickle.dumps({"weights": [1, 2, 3]}))
+    with pytest.raises(EngineError) as excinfo:
+        run(path, {"method": "dynamic_int8"}, Path(example["dataset"]), model_format="torchscript")
+    assert _code(excinfo) == "invalid_model"
+
+
+def test_fine_tune_without_a_dataset_is_invalid_dataset(run, example):
+    config = {"method": "channels", "ratio": 0.5, "fine_tune": {"epochs": 1}, "benchmark": FAST_BENCHMARK}
+    with pytest.raises(EngineError) as excinfo:
+        run(example["onnx"], config, kind="prune")
+    assert _code(excinfo) == "invalid_dataset"
+    assert excinfo.value.message == "fine_tune needs a dataset"
 
 
 def test_static_without_dataset_is_invalid_dataset(run, example):

@@ -64,7 +64,13 @@ def test_metrics_have_the_documented_shape(results, method):
     assert set(m["ratios"]["speedup"]) == {"1", "32"}
     assert m["slower_than_baseline"] == any(s < 1 for s in m["ratios"]["speedup"].values())
     assert m["device"] == "cpu" and m["execution_provider"] == "CPUExecutionProvider"
-    assert set(m["versions"]) == {"onnx", "onnxruntime", "numpy"}
+    assert set(m["versions"]) == {"onnx", "onnxruntime", "numpy", "torch", "torch_pruning"}
+    assert m["model_format"] == m["artifact_format"] == "onnx" and "baseline_same_runtime" not in m
+    for side in ("baseline", "result"):
+        assert m[side]["peak_memory_bytes"] >= 0
+    assert m["peak_memory"]["batch_size"] == 32
+    assert m["baseline"]["macs"] > 1e6 and m["result"]["macs"] is None  # a quantized graph has no float layers
+    assert m["ratios"]["macs"] is None
     assert m["inputs"] == [{"name": "input", "shape": ["batch", 1, 8, 8], "dtype": "float32"}]
     assert m["evaluation"] == {"data": "held-out", "rows": 360, "labels": True}
     assert m["max_accuracy_drop"] == 0.01
