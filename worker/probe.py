@@ -18,8 +18,12 @@ def probe() -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     except ImportError:
         device = "cpu"
-    caps = capabilities(device)
-    return {"device": device, "methods": caps["methods"], "builtin_datasets": builtin_available()}
+    methods = [{"kind": m["kind"], "method": m["method"], "input_formats": list(m["input_formats"]),
+                "output_formats": list(m["output_formats"]),
+                # a method that cannot use this device runs on the CPU of the same worker
+                "devices": [device] if m["runs_on_device"] else ["cpu"]}
+               for m in capabilities(device)["methods"]]
+    return {"device": device, "methods": methods, "builtin_datasets": builtin_available()}
 
 
 if __name__ == "__main__":

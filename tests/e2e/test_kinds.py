@@ -113,3 +113,13 @@ def test_torchscript_upload_quantized_back_to_torchscript(api, tmp_path):
     out = loaded(torch.from_numpy(x[:5])).detach().numpy()
     assert out.shape == (5, 10) and np.isfinite(out).all()
     assert job["metrics"]["result"]["accuracy"] > 0.85
+
+
+def test_capabilities_come_from_the_live_worker(api):
+    caps = api.get("/v1/capabilities").json()
+    methods = {(m["kind"], m["method"]): m for m in caps["methods"]}
+    assert {("quantize", "static_int8"), ("quantize", "auto"), ("prune", "channels"), ("distill", "kd")} <= set(methods)
+    assert methods[("quantize", "static_int8")]["output_formats"] == ["onnx"]
+    assert methods[("prune", "channels")]["devices"] == ["cpu"]
+    assert caps["builtin_datasets"]["digits"] is True
+    assert [w["name"] for w in caps["workers"] if w["live"]] == ["kinds@test"]
