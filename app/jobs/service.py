@@ -14,7 +14,7 @@ from app.auth.keys import Principal
 from app.core.db import utcnow
 from app.core.deps import Services
 from app.core.errors import Conflict, DistilleryError, InvalidTransition, NotFound, Unprocessable
-from app.core.tables import JobRow, WorkerRow
+from app.core.tables import JobRow, ModelRow, WorkerRow
 from app.datasets import service as datasets
 from app.jobs import repository as repo
 from app.jobs.methods import METHODS, MethodRule, method_of
@@ -87,18 +87,7 @@ def create(services: Services, session: Session, who: Principal, body: JobCreate
     method = method_of(body.kind, body.config)
     rule = METHODS[(body.kind, method)]
     _check_formats(body, method, rule, model.format)
-    dataset_id, builtin = None, None
-    if body.dataset_id and body.dataset_id.startswith(BUILTIN_PREFIX):
-        builtin = body.dataset_id.removeprefix(BUILTIN_PREFIX)
-    elif body.dataset_id:
-        dataset = datasets.get(session, scope, body.dataset_id)
-        _check_dataset_fits(model.info or {}, dataset.info or {})
-        dataset_id = dataset.id
-    elif rule.needs_dataset or getattr(body.config, "fine_tune", None) is not None or model.format == "torchscript":
-        what = (f"{body.kind}/{method}" if rule.needs_dataset else "fine_tune" if model.format != "torchscript"
-                else "a TorchScript model (it declares no input shapes, so sample inputs come from the data)")
-        raise Unprocessable(f"{what} needs a dataset_id (an uploaded .npz or builtin:mnist, builtin:fashion-mnist, "
-                            "builtin:digits)", code="dataset_required", detail={"field": "dataset_id"})
+    dataset_id, builtin = _resolve_dataset(session, scope, body, model, method, rule)
     student_id = _student_model(session, scope, body)
     _check_concurrency(services, session, owner)
     queue = _resolve_queue(session, services, body.device)
@@ -120,6 +109,27 @@ def create(services: Services, session: Session, who: Principal, body: JobCreate
         return _replay(existing, digest), False
     dispatch(services, session, row)
     return to_out(row), True
+
+
+def _resolve_dataset(session: Session, scope: str | None, body: JobCreate, model: ModelRow, method: str,
+                     rule: MethodRule) -> tuple[str | None, str | None]:
+    """(uploaded dataset id, built-in name); 422 when the job needs data and names none."""
+    if body.dataset_id and body.dataset_id.startswith(BUILTIN_PREFIX):
+        return None, body.dataset_id.removeprefix(BUILTIN_PREFIX)
+    if body.dataset_id:
+        dataset = datasets.get(session, scope, body.dataset_id)
+        _check_dataset_fits(model.info or {}, dataset.info or {})
+        return dataset.id, None
+    if rule.needs_dataset:
+        what = f"{body.kind}/{method}"
+    elif getattr(body.config, "fine_tune", None) is not None:
+        what = "fine_tune"
+    elif model.format == "torchscript":
+        what = "a TorchScript model (it declares no input shapes, so sample inputs come from the data)"
+    else:
+        return None, None
+    raise Unprocessable(f"{what} needs a dataset_id (an uploaded .npz or builtin:mnist, builtin:fashion-mnist, "
+                        "builtin:digits)", code="dataset_required", detail={"field": "dataset_id"})
 
 
 def _check_formats(body: JobCreate, method: str, rule: MethodRule, model_format: str) -> None:
