@@ -10,7 +10,7 @@ from app.core.uploads import ReceivedUpload
 from app.datasets.schemas import DatasetOut
 from app.datasets.validate import DatasetRejected, validate_npz
 from app.models.repository import owned
-from app.models.service import check_quota, clean_name, forget_content, store_received
+from app.models.service import clean_name, insert_uploaded, store_received
 
 
 def create_from_upload(services: Services, owner: str, received: ReceivedUpload) -> DatasetOut:
@@ -23,17 +23,8 @@ def create_from_upload(services: Services, owner: str, received: ReceivedUpload)
         store_received(services, received)
     finally:
         received.temp_path.unlink(missing_ok=True)
-    with services.db.session() as session:
-        row = DatasetRow(owner=owner, name=name, size_bytes=received.size_bytes, sha256=received.sha256, info=info)
-        try:
-            check_quota(services, session, owner, received.size_bytes)
-            session.add(row)
-            session.commit()
-        except BaseException:
-            session.rollback()
-            forget_content(services, session, received.sha256)
-            raise
-        return to_out(row)
+    row = DatasetRow(owner=owner, name=name, size_bytes=received.size_bytes, sha256=received.sha256, info=info)
+    return to_out(insert_uploaded(services, row))
 
 
 def to_out(row: DatasetRow) -> DatasetOut:

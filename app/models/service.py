@@ -53,18 +53,24 @@ def create_from_upload(services: Services, owner: str, received: ReceivedUpload)
         store_received(services, received)
     finally:
         received.temp_path.unlink(missing_ok=True)
+    row = ModelRow(owner=owner, name=name, format=info.format, size_bytes=received.size_bytes,
+                   sha256=received.sha256, info=info.to_dict())
+    return to_out(insert_uploaded(services, row))
+
+
+def insert_uploaded(services: Services, row):
+    """Insert the row of stored upload content (model or dataset) within the owner's quota; on any failure the
+    content is removed again unless another row uses it, so nothing is left half-written."""
     with services.db.session() as session:
-        row = ModelRow(owner=owner, name=name, format=info.format, size_bytes=received.size_bytes,
-                       sha256=received.sha256, info=info.to_dict())
         try:
-            check_quota(services, session, owner, received.size_bytes)
+            check_quota(services, session, row.owner, row.size_bytes)
             session.add(row)
             session.commit()
         except BaseException:
             session.rollback()
-            forget_content(services, session, received.sha256)
+            forget_content(services, session, row.sha256)
             raise
-        return to_out(row)
+        return row
 
 
 def to_out(row: ModelRow) -> ModelOut:
