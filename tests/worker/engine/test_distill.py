@@ -359,3 +359,22 @@ def test_a_torchscript_teacher_gives_a_torchscript_student(jobs, example):
     config = {**config, "output_format": "onnx", "feature_loss": {"beta": 0.1}}
     result = jobs(example["torchscript"], config, Path(example["dataset"]), model_format="torchscript")
     assert result.artifact_format == "onnx" and result.metrics["method"]["feature_loss"]["teacher_dim"] == 64
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"student": {"arch": "mlp"}},
+        {"student": {"arch": "cnn"}, "early_stopping": {}, "feature_loss": {}},
+        {"student": {"arch": "cnn", "channels": [8], "hidden": []}, "feature_loss": {"teacher_layer": "h"}},
+        {"student": {"shrink": 0.5}, "optimizer": "sgd", "lr_schedule": "step", "output_format": "torchscript"},
+        {"student": {"model_id": "a" * 32}, "compare_baseline": True, "seed": 7},
+    ],
+)
+def test_the_api_contract_reads_the_same_in_the_engine(config):
+    """Every config the API accepts means the same to the engine: same keys, same defaults."""
+    from app.jobs.schemas import DistillConfig as ApiDistillConfig
+
+    api = ApiDistillConfig.model_validate(config).model_dump(mode="json")
+    engine = DistillConfig.from_dict(api).to_dict()
+    assert {key: engine[key] for key in api} == api
