@@ -139,6 +139,8 @@ class DistillConfig(StrictModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     early_stopping: EarlyStopping | None = None
     compare_baseline: bool = Field(False, description="Also train the same student from labels alone and report both.")
+    train_samples: int = Field(0, ge=0, le=100_000_000, description="Train on a seeded subset of this many rows of "
+                               "the transfer set (0: all of it).")
     feature_loss: FeatureLoss | None = None
     output_format: OutputFormat | None = OUTPUT_FORMAT_FIELD
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)

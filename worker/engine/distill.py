@@ -19,9 +19,9 @@ Training is seeded (weights, data order, the validation split), runs on ctx.devi
 and stops on cancellation. With early_stopping, 10% of the transfer set (seeded) is held out: training stops after
 `patience` epochs without a better validation accuracy (top-1 agreement with the teacher when there are no labels)
 and the best epoch's weights are kept. `compare_baseline` also trains the same student on labels alone, with the
-same seed, data order and budget, and reports both test accuracies. `train_samples` (engine-level) trains on a
-seeded subset of the transfer set, for studies of KD under a small data budget. The student is written as ONNX (or TorchScript, for a TorchScript teacher or when
-output_format asks) and `run_job` then verifies and measures it against the teacher like any artifact.
+same seed, data order and budget, and reports both test accuracies. `train_samples` trains on a seeded subset of
+the transfer set, for KD under a small data budget. The student is written as ONNX (or TorchScript, for a
+TorchScript teacher or when output_format asks) and `run_job` then verifies and measures it against the teacher like any artifact.
 
 `train_student` is the reusable part (a KD or labels-only training loop over arrays), e.g. for a fine-tune after
 pruning.
