@@ -5,7 +5,6 @@ The request body is never held in memory (FastAPI's UploadFile spools the whole 
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,61 +37,13 @@ class ReceivedUpload:
     fields: dict[str, str] = field(default_factory=dict)
 
 
-class _Sink:
-    """Hashes and writes the file part on a helper thread, one block behind the parser.
-
-    sha256 and file writes release the GIL on large buffers, so on two cores hashing overlaps with receiving and
-    parsing the next block instead of adding to it. At most one block is in flight (bounded memory).
-    """
-
-    BLOCK = 1024 * 1024
-
-    def __init__(self, file):
-        self.file = file
-        self.hasher = hashlib.sha256()
-        self.buffer = bytearray()
-        self.pending: Future | None = None
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload-sink")
-
-    def _consume(self, block: bytes) -> None:
-        self.hasher.update(block)
-        self.file.write(block)
-
-    def _wait(self) -> None:
-        if self.pending is not None:
-            self.pending.result()
-            self.pending = None
-
-    def write(self, chunk: bytes) -> None:
-        self.buffer += chunk
-        if len(self.buffer) >= self.BLOCK:
-            self._wait()
-            self.pending = self.pool.submit(self._consume, bytes(self.buffer))
-            self.buffer.clear()
-
-    def finish(self) -> str:
-        self._wait()
-        if self.buffer:
-            self._consume(bytes(self.buffer))
-            self.buffer.clear()
-        self.close()
-        return self.hasher.hexdigest()
-
-    def close(self) -> None:
-        try:
-            self._wait()
-        finally:
-            self.pool.shutdown(wait=True)
-            if not self.file.closed:
-                self.file.close()
-
-
 class _Receiver:
     def __init__(self, storage: LocalStorage, file_field: str, max_bytes: int):
         self.storage, self.file_field, self.max_bytes = storage, file_field, max_bytes
         self.fields: dict[str, str] = {}
-        self.sink: _Sink | None = None
+        self.file = None
         self.temp: Path | None = None
+        self.hasher = hashlib.sha256()
         self.size = 0
         self.filename: str | None = None
         self.files_seen = 0
@@ -127,8 +78,7 @@ class _Receiver:
                 raise Unprocessable(f"send exactly one '{self.file_field}' part", code="invalid_upload")
             fname = opts.get(b"filename")
             self.filename = fname.decode("utf-8", "replace")[:255] if fname else None
-            file, self.temp = self.storage.new_temp()
-            self.sink = _Sink(file)
+            self.file, self.temp = self.storage.new_temp()
 
     def on_part_data(self, data, start, end):
         chunk = data[start:end]
@@ -137,7 +87,8 @@ class _Receiver:
             if self.size > self.max_bytes:
                 raise PayloadTooLarge(f"upload exceeds the limit of {self.max_bytes} bytes",
                                       detail={"limit_bytes": self.max_bytes})
-            self.sink.write(chunk)
+            self.hasher.update(chunk)
+            self.file.write(chunk)
         else:
             self._text += chunk
             if len(self._text) > MAX_TEXT_FIELD:
@@ -149,15 +100,12 @@ class _Receiver:
             self.fields[self._part] = self._text.decode("utf-8", "replace")
         self._part = None
 
-    def finish(self) -> str:
-        return self.sink.finish()
+    def close(self):
+        if self.file is not None and not self.file.closed:
+            self.file.close()
 
     def discard(self):
-        if self.sink is not None:
-            try:
-                self.sink.close()
-            except OSError:
-                pass
+        self.close()
         if self.temp is not None:
             self.temp.unlink(missing_ok=True)
 
@@ -180,11 +128,12 @@ async def receive_upload(request: Request, storage: LocalStorage, *, max_bytes: 
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
+        rx.close()
         if rx.temp is None:
             raise Unprocessable(f"the form has no '{file_field}' part", code="missing_file")
         if parser.state != MultipartState.END:
             raise UploadAborted("the multipart body ended before its closing boundary")
-        return ReceivedUpload(rx.temp, rx.finish(), rx.size, rx.filename, rx.fields)
+        return ReceivedUpload(rx.temp, rx.hasher.hexdigest(), rx.size, rx.filename, rx.fields)
     except ClientDisconnect:
         rx.discard()
         raise UploadAborted("the client disconnected before the upload finished")
