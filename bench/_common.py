@@ -35,9 +35,12 @@ PACKAGES = ["fastapi", "starlette", "uvicorn", "uvloop", "httptools", "pydantic"
             "psutil", "orjson"]
 
 
+_SCRIPT = os.path.abspath(sys.argv[0])  # taken at import: some benchmarks chdir into a temp folder later
+
+
 def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, ROOT), *map(str, [
-        os.path.relpath(os.path.abspath(sys.argv[0]), ROOT), *sys.argv[1:]])])
+        os.path.relpath(_SCRIPT, ROOT), *sys.argv[1:]])])
 
 
 def _git(*args: str) -> str:

@@ -111,21 +111,22 @@ def session(path_or_bytes):
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = os.cpu_count() or 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # sessions are timed alternately
     return ort.InferenceSession(str(path_or_bytes), so, providers=["CPUExecutionProvider"])
 
 
-def interleaved_latency(sessions: dict, feeds: dict, repeats: int, warmup: int = 5) -> dict:
-    """p50/p95 ms per session; runs alternate between the sessions so noise hits all alike."""
+def interleaved_latency(sessions: dict, feeds: dict, repeats: int, warmup: int = 5, block: int = 10) -> dict:
+    """p50/p95 ms per session. Sessions take turns in blocks of `block` runs, each block after `warmup` untimed
+    runs, so machine noise hits all alike while each session runs as it would alone (ONNX Runtime's default
+    thread spinning, which a run-by-run alternation would turn against the next session)."""
     times = {k: [] for k in sessions}
-    for _ in range(warmup):
-        for s in sessions.values():
-            s.run(None, feeds)
-    for _ in range(repeats):
+    for _ in range(max(1, repeats // block)):
         for k, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, feeds)
-            times[k].append((time.perf_counter() - t) * 1000)
+            for _ in range(warmup):
+                s.run(None, feeds)
+            for _ in range(block):
+                t = time.perf_counter()
+                s.run(None, feeds)
+                times[k].append((time.perf_counter() - t) * 1000)
     return {k: {"p50": round(float(np.percentile(v, 50)), 4), "p95": round(float(np.percentile(v, 95)), 4)}
             for k, v in times.items()}
 

@@ -184,9 +184,6 @@ class OnnxRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads = cpu_threads()
         options.inter_op_num_threads = 1
-        # Baseline and result are timed alternately: idle pool threads spinning after one session's run would
-        # steal the cores from the other's, so they sleep instead.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only
         try:
             self.session = ort.InferenceSession(model.raw, options, providers=execution_providers(device))
