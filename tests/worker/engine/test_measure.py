@@ -64,9 +64,10 @@ def test_latency_is_measured_for_every_runner():
             calls.append(self.name)
             return [np.zeros(1)]
 
-    stats = measure_latency([Fake("a"), Fake("b")], {"x": np.zeros(1)}, repeats=4, warmup=1)
+    stats = measure_latency([Fake("a"), Fake("b")], {"x": np.zeros(1)}, repeats=12, warmup=1)
     assert len(stats) == 2 and all(set(s) == {"p50", "p95", "mean"} for s in stats)
-    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then alternating
+    # warm-up, then turns: 2 untimed + 10 timed calls each, then the order reversed for the last 2 timed calls
+    assert calls == ["a", "b"] + ["a"] * 12 + ["b"] * 12 + ["b"] * 4 + ["a"] * 4
 
 
 def test_json_safe():
