@@ -36,14 +36,14 @@ from bench.polling import pg_counters  # noqa: E402
 
 # ----------------------------------------------------------------------------- 1. in process
 
-async def in_process(tmp: Path, n: int) -> dict:
+async def in_process(tmp: Path, n: int, headers: dict) -> dict:
     import anyio.to_thread
-    from sqlalchemy import event
 
     from app.core.config import Settings
     from app.main import create_app
 
-    settings = Settings(database_url=c.PG_URL, broker_url=c.REDIS_URL, data_dir=tmp / "data", log_level="WARNING")
+    settings = Settings(database_url=c.PG_URL, broker_url=c.REDIS_URL, data_dir=tmp / "data", log_level="WARNING",
+                        rate_limit_per_minute=int(c.RATE_LIMIT_PER_MINUTE))
     app = create_app(settings)
     counts = collections.Counter()
     real_run_sync = anyio.to_thread.run_sync
@@ -53,6 +53,21 @@ async def in_process(tmp: Path, n: int) -> dict:
         return await real_run_sync(*a, **kw)
 
     out: dict = {}
+    try:
+        return await _in_process_body(app, counts, counting_run_sync, real_run_sync, out, n, headers)
+    except BaseException:
+        services = getattr(app.state, "services", None)
+        if services is not None:  # the lifespan's own close is skipped on an exception
+            result = services.close()
+            if asyncio.iscoroutine(result):
+                await result
+        raise
+
+
+async def _in_process_body(app, counts, counting_run_sync, real_run_sync, out, n, headers) -> dict:
+    import anyio.to_thread
+    from sqlalchemy import event
+
     async with app.router.lifespan_context(app):
         engine = app.state.services.db.engine
 
@@ -77,7 +92,7 @@ async def in_process(tmp: Path, n: int) -> dict:
 
         dialect.do_ping = counting_ping
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench", headers=headers) as client:
             files = {"file": ("m.onnx", c.tiny_onnx_bytes(), "application/octet-stream")}
             model_id = (await client.post("/v1/models", files=files)).json()["id"]
             job_id = (await client.post("/v1/jobs", json=c.quantize_job_body(model_id))).json()["id"]
@@ -202,22 +217,25 @@ def under_load(tmp: Path, duration: int, connections: int) -> dict:
     c.recreate_pg_db()
     c.flush_redis()
     c.migrate(env)
+    auth = c.auth_headers(c.create_key(env))
+    wrk_h = [a for k, v in auth.items() for a in ("-H", f"{k}: {v}")]
     port = c.free_port()
     base = f"http://127.0.0.1:{port}"
     api = c.Proc("api", [c.DISTILLERY, "api", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"], env, tmp)
     try:
         api.wait_http(f"{base}/readyz")
-        model_id = c.upload_model(base, c.tiny_onnx_bytes())
-        job_id = httpx.post(f"{base}/v1/jobs", json=c.quantize_job_body(model_id), timeout=30).json()["id"]
+        model_id = c.upload_model(base, c.tiny_onnx_bytes(), headers=auth)
+        job_id = httpx.post(f"{base}/v1/jobs", json=c.quantize_job_body(model_id), timeout=30,
+                            headers=auth).json()["id"]
         url = f"{base}/v1/jobs/{job_id}"
-        subprocess.run(["wrk", "-t2", f"-c{connections}", "-d3s", url], capture_output=True, timeout=60)
+        subprocess.run(["wrk", "-t2", f"-c{connections}", "-d3s", *wrk_h, url], capture_output=True, timeout=60)
         quiet = c.wait_quiet()
         raw = tmp / "pyspy.txt"
         spy = subprocess.Popen([pyspy, "record", "--pid", str(api.pid), "--subprocesses", "--gil", "--nonblocking", "--format", "raw",
                                 "--rate", "100", "--duration", str(duration), "--output", str(raw)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(1.0)
-        wrk = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", url],
+        wrk = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", *wrk_h, url],
                              capture_output=True, text=True, timeout=duration + 60)
         spy_out = spy.communicate(timeout=duration + 60)[0]
         if not raw.exists():
@@ -245,7 +263,8 @@ def main() -> int:
         c.recreate_pg_db()
         c.flush_redis()
         c.migrate(c.prod_env(tmp / "data"))
-        inproc = asyncio.run(in_process(tmp, args.requests))
+        key = c.create_key(c.prod_env(tmp / "data"))
+        inproc = asyncio.run(in_process(tmp, args.requests, c.auth_headers(key)))
         load = under_load(tmp, args.duration, args.connections)
     finally:
         c.drop_pg_db()
