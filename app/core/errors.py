@@ -40,15 +40,6 @@ class Unprocessable(DistilleryError):
     code = "unprocessable"
 
 
-class UnsupportedModel(Unprocessable):
-    code = "unsupported_model"
-
-
-class ServiceUnavailable(DistilleryError):
-    status_code = 503
-    code = "service_unavailable"
-
-
 def error_body(code: str, message: str, detail: Any = None) -> dict:
     return {"error": {"code": code, "message": message, "detail": detail if detail is not None else {}}}
 

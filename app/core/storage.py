@@ -23,16 +23,6 @@ class Storage(Protocol):
     def delete(self, sha256: str) -> None: ...
 
 
-def sha256_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
-
-
 class LocalStorage:
     """Files under `root/objects/ab/cdef...`; temp files under `root/tmp` on the same file system (atomic rename)."""
 

@@ -23,10 +23,6 @@ TERMINAL: frozenset[JobStatus] = frozenset(s for s, nxt in ALLOWED_TRANSITIONS.i
 ACTIVE: frozenset[JobStatus] = frozenset({JobStatus.queued, JobStatus.running})
 
 
-def can_move(src: str, dst: str) -> bool:
-    return JobStatus(dst) in ALLOWED_TRANSITIONS[JobStatus(src)]
-
-
 def sources_of(dst: JobStatus) -> list[str]:
     """Every status from which `dst` may be reached: the WHERE clause of a conditional update."""
     return [s.value for s, nxt in ALLOWED_TRANSITIONS.items() if dst in nxt]
