@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.core.config import Settings, get_settings
 from app.core.deps import Services
 from app.core.errors import DistilleryError, error_body
+from app.core.openapi import install_openapi
 
 log = logging.getLogger("distillery.api")
 
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Model compression as a service: upload a model, run a quantize/prune/distill job "
                               "on a worker, download the measured, compressed artifact.")
     install_error_handlers(app)
+    install_openapi(app)  # the errors every route may answer (401, 422, 429, 503...), declared in the spec
     for router in (models_router, datasets_router, jobs_router, artifacts_router, workers_router):
         app.include_router(router, prefix="/v1")
     app.include_router(system_router)

@@ -1,0 +1,133 @@
+"""The errors every route may answer, declared in the OpenAPI spec in one place.
+
+Routes declare their own domain errors with `responses=error_responses(...)`. What follows from how a route is
+wired is added here, from its dependencies, to every operation in the spec (routes added later included):
+  - a JSON body: 400 (the body could not be read as text);
+  - parameters or a body: 422, with the error schema this app really answers with (FastAPI's default says
+    `HTTPValidationError`, which the validation handler in `app/main.py` never returns);
+  - the caller's principal (`PrincipalDep`): 401 (no key, a bad or revoked key) and 429 (the per-owner rate limit),
+    and the Bearer security scheme;
+  - the shared services (database, broker, storage): 503 (the database is unavailable or refused the request).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from fastapi import FastAPI, routing
+from fastapi.routing import APIRoute
+
+from app.core.schemas import ErrorResponse
+
+ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+SECURITY_SCHEME = "bearerAuth"
+_COMMON = {
+    400: "bad_request: the request body could not be read",
+    401: "unauthorized: no API key, or an invalid or revoked one (`Authorization: Bearer <key>`)",
+    422: "validation_error: a parameter or the body is invalid (`detail.errors` lists each field)",
+    429: "rate_limited: the owner is over `DISTILLERY_RATE_LIMIT_PER_MINUTE` (`detail.retry_after_s`)",
+    503: "database_unavailable / database_error: retry after the `Retry-After` seconds",
+}
+
+
+def _calls(dependant) -> Iterator[Callable]:
+    for dep in dependant.dependencies:
+        if dep.call is not None:
+            yield dep.call
+        yield from _calls(dep)
+
+
+def _api_routes(app: FastAPI) -> Iterator[Any]:
+    """Every APIRoute with its full path (FastAPI >= 0.130 keeps included routers unflattened)."""
+    contexts = getattr(routing, "iter_route_contexts", None)
+    if contexts is None:
+        yield from (r for r in app.routes if isinstance(r, APIRoute))
+        return
+    for ctx in contexts(app.routes):
+        if isinstance(ctx.original_route, APIRoute):
+            yield ctx
+
+
+def common_errors(route: APIRoute) -> list[int]:
+    """The status codes this route can answer because of how it is wired (not what its service raises)."""
+    from app.auth.deps import current_principal
+    from app.core.deps import get_services
+
+    calls = set(_calls(route.dependant))
+    codes = []
+    if route.body_field is not None:
+        codes.append(400)
+    if current_principal in calls:
+        codes += [401, 429]
+    if get_services in calls:
+        codes.append(503)
+    return codes
+
+
+def _error_response(code: int) -> dict[str, Any]:
+    return {"description": _COMMON[code], "content": {"application/json": {"schema": dict(ERROR_REF)}}}
+
+
+def declare_common_errors(app: FastAPI, spec: dict[str, Any]) -> dict[str, Any]:
+    paths = spec.get("paths", {})
+    authed = False
+    for route in _api_routes(app):
+        if not route.include_in_schema:
+            continue
+        codes = common_errors(route)
+        for method in route.methods:
+            op = paths.get(route.path_format, {}).get(method.lower())
+            if op is None:
+                continue
+            responses = op.setdefault("responses", {})
+            for code in codes:
+                responses.setdefault(str(code), _error_response(code))
+            if 401 in codes:
+                op.setdefault("security", [{SECURITY_SCHEME: []}])
+                authed = True
+    for op in (op for item in paths.values() for op in item.values() if isinstance(op, dict)):
+        for status, resp in op.get("responses", {}).items():
+            # every error is answered as {"error": {...}} (the handlers in app/main.py), declared or not
+            if status[:1] in "45" and isinstance(resp, dict) and "content" not in resp and "$ref" not in resp:
+                resp["content"] = {"application/json": {"schema": dict(ERROR_REF)}}
+        resp = op.get("responses", {}).get("422")
+        schema = (resp or {}).get("content", {}).get("application/json", {}).get("schema", {})
+        if schema.get("$ref", "").endswith("/HTTPValidationError"):
+            op["responses"]["422"] = _error_response(422)
+    components = spec.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    if "ErrorResponse" not in schemas:
+        defs = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(defs.pop("$defs", {}))
+        schemas["ErrorResponse"] = defs
+    if '"#/components/schemas/HTTPValidationError"' not in _dumps(spec):
+        schemas.pop("HTTPValidationError", None)
+        if '"#/components/schemas/ValidationError"' not in _dumps(spec):
+            schemas.pop("ValidationError", None)
+    if authed:
+        components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = {
+            "type": "http", "scheme": "bearer",
+            "description": "An API key from `distillery keys create --owner NAME`. `distillery serve` on "
+                           "127.0.0.1 runs open (DISTILLERY_AUTH=open): keyless requests act as the default owner."}
+    return spec
+
+
+def _dumps(spec: dict) -> str:
+    import json
+
+    return json.dumps(spec)
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Make `app.openapi()` (and /openapi.json, /docs) carry the common errors."""
+    build = app.openapi  # FastAPI's: cached, rebuilt when routes are added
+    done: dict[str, int] = {}
+
+    def openapi() -> dict[str, Any]:
+        spec = build()
+        if done.get("id") != id(spec):
+            declare_common_errors(app, spec)
+            done["id"] = id(spec)
+        return spec
+
+    app.openapi = openapi
