@@ -207,11 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="example", help="Folder to write into (default: ./example).")
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_example)
+    from app.client.cli import register  # models, datasets, jobs, artifacts, quantize, ... (HTTP, no Settings)
+
+    register(p, sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "client_func", None) is not None:  # a client command: talks HTTP, needs no Settings
+        from app.client.cli import run
+
+        return run(args)
     settings = get_settings()
     _setup_logging(settings)
     return args.func(settings, args) or 0
