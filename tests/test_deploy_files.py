@@ -23,7 +23,7 @@ from app.core.config import Settings  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
-EXPECTED_SERVICES = {"postgres", "redis", "migrate", "api", "worker-gpu", "worker-cpu"}
+EXPECTED_SERVICES = {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker-gpu", "worker-cpu"}
 IMAGE_SERVICES = {"migrate", "api", "worker-gpu", "worker-cpu"}
 ENV_VAR = re.compile(r"\bDISTILLERY_[A-Z0-9_]+\b")
 TORCH_PIN = re.compile(r"\btorch\s*(===|==|~=|!=|>=|<=|>|<)\s*[0-9]", re.IGNORECASE)
@@ -201,18 +201,65 @@ def test_gpu_worker_reserves_an_nvidia_gpu(services):
         "worker-cpu should not reserve a GPU"
 
 
-def test_shared_volume_at_the_data_dir(compose, image_services):
+def test_volume_at_the_data_dir(compose, image_services):
+    """A named volume at the data dir of every service; one volume shared by all of them unless the files live in
+    object storage (DISTILLERY_STORAGE_URL), where each service keeps its own, as on separate machines."""
     named = set(compose.get("volumes") or {})
     sources = {}
     for name, svc in image_services.items():
         data_dir = _env(svc)["DISTILLERY_DATA_DIR"]
         mounts = _mounts(svc)
         assert data_dir in mounts, (f"service {name!r} keeps its data in {data_dir} (DISTILLERY_DATA_DIR) but mounts "
-                                    f"nothing there ({mounts}): artifacts would not be shared")
+                                    f"nothing there ({mounts})")
         sources[name] = mounts[data_dir]
-    assert len(set(sources.values())) == 1, f"services mount different volumes at the data dir: {sources}"
-    volume = next(iter(sources.values()))
-    assert volume in named, f"{volume!r} should be a named volume declared under top-level `volumes:` ({named})"
+        assert sources[name] in named, \
+            f"{sources[name]!r} should be a named volume declared under top-level `volumes:` ({named})"
+    if not all(_env(svc).get("DISTILLERY_STORAGE_URL") for svc in image_services.values()):
+        assert len(set(sources.values())) == 1, \
+            f"without object storage the services must share one volume at the data dir (artifacts): {sources}"
+
+
+def test_object_storage_is_the_minio_service(compose, services, image_services):
+    """Uploads and artifacts go to the MinIO bucket: same URL and endpoint everywhere, the endpoint is the minio
+    service's S3 port, the credentials are MinIO's user, and the api and workers start once the bucket exists."""
+    envs = {name: _env(svc) for name, svc in image_services.items()}
+    for key in ("DISTILLERY_STORAGE_URL", "DISTILLERY_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        values = {name: env.get(key) for name, env in envs.items()}
+        assert all(values.values()) and len(set(values.values())) == 1, f"{key} should be set, the same, everywhere: {values}"
+    env = next(iter(envs.values()))
+    from app.core.storage import parse_s3_url
+
+    bucket, prefix = parse_s3_url(env["DISTILLERY_STORAGE_URL"])
+    assert bucket and prefix, f"storage URL {env['DISTILLERY_STORAGE_URL']!r} should name a bucket and a prefix"
+    endpoint = urlsplit(env["DISTILLERY_S3_ENDPOINT_URL"])
+    minio = services.get("minio")
+    assert minio is not None and str(minio.get("image", "")).startswith("minio/minio"), \
+        "docker-compose.yml should run MinIO as the service `minio`"
+    assert endpoint.scheme == "http" and endpoint.hostname == "minio", \
+        f"S3 endpoint {endpoint.geturl()!r} should be the compose service 'minio'"
+    command = [str(c) for c in minio.get("command") or []]
+    assert command[:2] == ["server", "/data"], f"minio should run `server /data`, runs {command}"
+    address = command[command.index("--address") + 1] if "--address" in command else ":9000"
+    assert address.rsplit(":", 1)[-1] == str(endpoint.port or 80), \
+        f"minio listens on {address}, the endpoint URL names port {endpoint.port}"
+    assert _mounts(minio).get("/data") in set(compose.get("volumes") or {}), \
+        f"minio's /data should be a named volume (the bucket's bytes survive a restart): {_mounts(minio)}"
+    minio_env = _env(minio)
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
+        minio_env.get("MINIO_ROOT_USER"), minio_env.get("MINIO_ROOT_PASSWORD")), \
+        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY should be the MinIO user's"
+    assert "ready" in json.dumps(minio.get("healthcheck", {}).get("test")), "minio needs an `mc ready` healthcheck"
+    init = services.get("minio-init")
+    assert init is not None, "a one-shot `minio-init` service should create the bucket"
+    script = " ".join(str(c) for c in (init.get("entrypoint") or []) + (init.get("command") or []))
+    assert f"mc mb --ignore-existing local/{bucket}" in script and "http://minio:9000" in script, \
+        f"minio-init should create bucket {bucket!r} on minio: {script}"
+    assert f"{minio_env['MINIO_ROOT_USER']} {minio_env['MINIO_ROOT_PASSWORD']}" in script, \
+        "minio-init should log in as the MinIO user"
+    assert _depends_on(init).get("minio") == "service_healthy" and str(init.get("restart", "no")) == "no"
+    for name in ("api", "worker-gpu", "worker-cpu"):
+        assert _depends_on(services[name]).get("minio-init") == "service_completed_successfully", \
+            f"{name} must start after the bucket exists (minio-init: service_completed_successfully)"
 
 
 def test_database_url_matches_postgres(services, image_services):

@@ -24,6 +24,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.core.broker import send_run_job
 from app.core.procs import die_with_parent
+from app.core.storage import ContentCorrupt, StorageUnavailable
 from app.core.tables import ArtifactRow, DatasetRow, JobRow, ModelRow
 from app.jobs import repository as repo
 from app.jobs.states import ErrorCode, JobStatus
@@ -73,6 +74,8 @@ def run_job(rt: Runtime, job_id: str, worker_name: str) -> str:
     log.info("job %s: claimed (attempt %d/%d)", job_id, job.attempts, job.max_attempts)
     attempt = job.attempts
     inputs = _with_db_retry(rt, lambda s: _inputs(rt, s, job))
+    if not isinstance(inputs, Outcome):
+        inputs = _fetch_inputs(rt, inputs)  # outside the transaction: a download from object storage may be long
     if isinstance(inputs, Outcome):
         return _record(rt, job, attempt, inputs, {})
     provenance = inputs.pop("provenance")
@@ -94,19 +97,32 @@ def _inputs(rt: Runtime, session, job: JobRow) -> dict | Outcome:
     model = session.get(ModelRow, job.model_id)
     dataset = session.get(DatasetRow, job.dataset_id) if job.dataset_id else None
     student = session.get(ModelRow, job.student_model_id) if job.student_model_id else None
-    paths = {}
-    for label, row in (("model", model), ("dataset", dataset), ("student model", student)):
-        if row is None:
-            continue
-        if not rt.storage.exists(row.sha256):
-            return Outcome("error", ErrorCode.input_missing, f"the {label}'s file is missing from storage")
-        paths[label] = str(rt.storage.local_path(row.sha256))
-    return {"kind": job.kind, "model_path": paths["model"], "model_format": model.format,
-            "model_name": model.name, "dataset_path": paths.get("dataset"), "config": job.config,
-            "builtin_dataset": job.builtin_dataset, "student_model_path": paths.get("student model"),
+    fetch = {f"{label.replace(' ', '_')}_path": (label, row.sha256)
+             for label, row in (("model", model), ("dataset", dataset), ("student model", student)) if row is not None}
+    return {"kind": job.kind, "fetch": fetch, "model_path": None, "model_format": model.format,
+            "model_name": model.name, "dataset_path": None, "config": job.config,
+            "builtin_dataset": job.builtin_dataset, "student_model_path": None,
             "student_model_format": student.format if student else None, "device": job.device_requested,
             "provenance": {f"{label.replace(' ', '_')}_sha256": row.sha256 for label, row in (
                 ("model", model), ("dataset", dataset), ("student model", student)) if row is not None}}
+
+
+def _fetch_inputs(rt: Runtime, spec: dict) -> dict | Outcome:
+    """Local files for the job's inputs: the store's own files, or (object storage) copies downloaded into the
+    worker's cache and checked against their sha256."""
+    for key, (label, sha256) in spec.pop("fetch").items():
+        try:
+            if not rt.storage.exists(sha256):
+                return Outcome("error", ErrorCode.input_missing, f"the {label}'s file is missing from storage")
+            spec[key] = str(rt.storage.local_path(sha256))
+        except FileNotFoundError:
+            return Outcome("error", ErrorCode.input_missing, f"the {label}'s file is missing from storage")
+        except ContentCorrupt as exc:
+            return Outcome("error", ErrorCode.input_missing, f"the {label}'s stored file is corrupt: {exc.message}")
+        except StorageUnavailable as exc:
+            return Outcome("error", "storage_unavailable", f"could not fetch the {label}: {exc.message}",
+                           transient=True)
+    return spec
 
 
 def _child_env() -> dict[str, str]:

@@ -16,6 +16,15 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file under data_dir. Production: postgresql+psycopg://...")
     broker_url: str | None = Field(None, description="Celery broker URL; default: kombu's filesystem transport under data_dir (no server). Production: redis://...")
     storage_dir: Path | None = Field(None, description="Folder of the content-addressed file store; default: data_dir/storage.")
+    storage_url: str | None = Field(None, description="Object storage for workers on several machines: "
+                                    "s3://bucket/prefix (any S3-compatible store; credentials from the standard AWS "
+                                    "variables / boto3 chain). Unset: the local storage_dir.")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint for S3-compatible stores (MinIO: "
+                                        "http://minio:9000); unset: AWS S3.")
+    s3_region: str | None = Field(None, description="S3 region; unset: AWS_REGION / the boto3 chain, else us-east-1.")
+    storage_cache_max_bytes: int = Field(20 * 1024**3, ge=0, description="With storage_url: bytes of downloaded "
+                                         "inputs a worker keeps in data_dir/cache (least recently used evicted "
+                                         "first; inputs of jobs that may still run are kept).")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Largest accepted upload (413 past it).")
     max_dataset_array_bytes: int = Field(4 * 1024**3, gt=0, description="Largest total uncompressed size of a dataset's arrays.")
     max_attempts: int = Field(3, ge=1, le=20, description="Attempts per job before it fails with attempts_exhausted / worker_lost.")
@@ -53,6 +62,10 @@ class Settings(BaseSettings):
         if self.storage_dir is None:
             self.storage_dir = self.data_dir / "storage"
         self.storage_dir = self.storage_dir.expanduser().resolve()
+        if self.storage_url:
+            from app.core.storage import parse_s3_url
+
+            parse_s3_url(self.storage_url)  # refuse a malformed URL at start-up, not at the first upload
         return self
 
     @property

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.core.broker import make_celery
 from app.core.config import Settings
 from app.core.db import Database
-from app.core.storage import LocalStorage, make_storage
+from app.core.storage import Storage, make_storage
 
 if TYPE_CHECKING:
     from app.auth.deps import RateLimiter
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class Services:
     settings: Settings
     db: Database
-    storage: LocalStorage
+    storage: Storage
     celery: Celery
     keys: "KeyVerifier"
     rate_limiter: "RateLimiter"

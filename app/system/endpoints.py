@@ -36,10 +36,16 @@ def _readiness(services: Services) -> dict[str, str]:
         checks["broker"] = "ok"
     except Exception as exc:  # noqa: BLE001
         checks["broker"] = f"unavailable: {type(exc).__name__}"
+    if services.settings.storage_url:  # object storage: the bucket answers HeadBucket
+        try:
+            services.storage.check()
+            checks["storage"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            checks["storage"] = f"unavailable: {getattr(exc, 'message', type(exc).__name__)}"
     return checks
 
 
-@router.get("/readyz", summary="Database and broker reachable (503 otherwise)",
+@router.get("/readyz", summary="Database, broker and object storage reachable (503 otherwise)",
             responses={503: {"description": "Not ready; the body says which dependency failed."}})
 async def readyz(services: ServicesDep):
     checks = await run_in_threadpool(_readiness, services)
