@@ -19,7 +19,15 @@ log = logging.getLogger("distillery.cli")
 
 
 def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from app.core.logs import setup_logging
+
+    setup_logging(settings.log_format, settings.log_level)
+
+
+def _uvicorn_log_config(settings: Settings) -> dict:
+    from app.core.logs import logging_config
+
+    return logging_config(settings.log_format, settings.log_level)
 
 
 def cmd_migrate(settings: Settings, _args) -> int:
@@ -81,7 +89,7 @@ def cmd_api(settings: Settings, args) -> int:
 
     uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port,
                 workers=args.workers or settings.api_workers, log_level=settings.log_level.lower(),
-                proxy_headers=True, timeout_graceful_shutdown=10)
+                log_config=_uvicorn_log_config(settings), proxy_headers=True, timeout_graceful_shutdown=10)
     return 0
 
 
@@ -103,7 +111,7 @@ def cmd_serve(settings: Settings, args) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings)
     env = {**os.environ, "DISTILLERY_DATA_DIR": str(settings.data_dir), "DISTILLERY_WORKER_QUEUES": "cpu,gpu"
-           if args.queues is None else args.queues}
+           if args.queues is None else args.queues, "DISTILLERY_LOG_FORMAT": settings.log_format}
     # One fixed name: a restarted embedded worker re-queues at once what its previous life left running.
     worker_cmd = worker_command(settings, "embedded@%h", env["DISTILLERY_WORKER_QUEUES"], None)
     worker = subprocess.Popen(worker_cmd, env=env, preexec_fn=die_with_parent(signal.SIGTERM))
@@ -113,7 +121,7 @@ def cmd_serve(settings: Settings, args) -> int:
         from app.main import create_app
 
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level.lower(),
-                    timeout_graceful_shutdown=5)
+                    log_config=_uvicorn_log_config(settings), timeout_graceful_shutdown=5)
     finally:
         _stop(worker)
     return 0
@@ -220,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run(args)
     settings = get_settings()
+    if args.command == "serve" and "log_format" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"log_format": "text"})  # a person at a terminal, unless asked
     _setup_logging(settings)
     return args.func(settings, args) or 0
 

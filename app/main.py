@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.core.config import Settings, get_settings
 from app.core.deps import Services
 from app.core.errors import DistilleryError, error_body
+from app.core.logs import RequestIdMiddleware
 from app.core.openapi import install_openapi
 
 log = logging.getLogger("distillery.api")
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await services.close()
 
     from app.artifacts.endpoints import router as artifacts_router
+    from app.dashboard.endpoints import router as dashboard_router
     from app.datasets.endpoints import router as datasets_router
     from app.jobs.endpoints import router as jobs_router
     from app.models.endpoints import router as models_router
@@ -103,7 +105,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "on a worker, download the measured, compressed artifact.")
     install_error_handlers(app)
     install_openapi(app)  # the errors every route may answer (401, 422, 429, 503...), declared in the spec
+    app.add_middleware(RequestIdMiddleware)  # X-Request-ID, and request_id on the request's log lines
     for router in (models_router, datasets_router, jobs_router, artifacts_router, workers_router):
         app.include_router(router, prefix="/v1")
     app.include_router(system_router)
+    app.include_router(dashboard_router)  # `/`: a static page, left out of the OpenAPI spec
     return app

@@ -4,15 +4,65 @@ Run with `distillery worker` (threads pool: each task only supervises a child pr
 """
 from __future__ import annotations
 
+import sys
+
 from celery import signals
 
-from app.core.broker import make_celery
+from app.core.broker import RUN_JOB_TASK, make_celery
 from app.core.config import get_settings
 
 settings = get_settings()
 celery = make_celery(settings)
 celery.conf.update(imports=["worker.tasks"], worker_concurrency=settings.worker_concurrency,
                    worker_pool="threads")
+
+
+@signals.setup_logging.connect
+def _setup_logging(loglevel=None, **_):
+    """Celery's own lines, the tasks' and ours in one format (JSON with the job id, or text): app/core/logs.py."""
+    import logging
+
+    from app.core.logs import setup_logging
+
+    setup_logging(settings.log_format, logging.getLevelName(loglevel) if isinstance(loglevel, int)
+                  else loglevel or settings.log_level)
+
+
+@signals.celeryd_init.connect
+def _name_log_lines(sender=None, **_):
+    from app.core.logs import set_process_field, setup_logging
+
+    set_process_field("worker", str(sender))
+    setup_logging(settings.log_format, settings.log_level)  # now: Celery warns (e.g. about root) before its set-up
+
+
+@signals.task_prerun.connect
+def _log_job_id(task=None, args=None, **_):
+    """Celery's own lines about a job's task (its "succeeded in") carry the job id too."""
+    from app.core.logs import job_id_var
+
+    if task is not None and task.name == RUN_JOB_TASK and args:
+        job_id_var.set(str(args[0]))
+
+
+@signals.task_postrun.connect
+def _log_job_id_done(**_):
+    from app.core.logs import job_id_var
+
+    job_id_var.set(None)
+
+
+@signals.celeryd_after_setup.connect
+def _json_only(instance=None, **_):
+    if settings.log_format == "json":  # every line JSON: no ASCII banner, stray prints become log records
+        import celery.apps.worker as celery_worker
+
+        from app.core.logs import write_raw_line
+
+        instance.quiet = True
+        instance.app.log.redirect_stdouts(instance.redirect_stdouts_level)
+        # Celery writes its shutdown notices from signal handlers with os.write, bypassing logging: as JSON too
+        celery_worker.safe_say = lambda msg, f=None: write_raw_line(f or sys.__stderr__, msg, "celery.apps.worker")
 
 
 @signals.worker_ready.connect

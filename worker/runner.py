@@ -19,6 +19,9 @@ def main(argv: list[str]) -> int:
         report.flush()
 
     spec = json.loads(sys.stdin.read())
+    from app.core.logs import setup_child_logging
+
+    setup_child_logging(spec.get("log"))  # the worker's log format, with the job id on every line
     try:
         from worker.engine import EngineError, JobSpec, RunContext, run_job
     except Exception as exc:  # noqa: BLE001 - a broken install is the worker's problem, not the job's

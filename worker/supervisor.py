@@ -23,6 +23,7 @@ import psutil
 from sqlalchemy.exc import OperationalError
 
 from app.core.broker import send_run_job
+from app.core.logs import child_log_spec, job_context
 from app.core.procs import die_with_parent
 from app.core.storage import ContentCorrupt, StorageUnavailable
 from app.core.tables import ArtifactRow, DatasetRow, JobRow, ModelRow
@@ -68,6 +69,11 @@ def _device_for(job: JobRow) -> str:
 
 
 def run_job(rt: Runtime, job_id: str, worker_name: str) -> str:
+    with job_context(job_id):  # every line logged while this job is claimed, run and recorded names it
+        return _run_job(rt, job_id, worker_name)
+
+
+def _run_job(rt: Runtime, job_id: str, worker_name: str) -> str:
     job = _with_db_retry(rt, lambda s: _claim(s, job_id, worker_name))
     if job is None:
         return "skipped"
@@ -172,6 +178,7 @@ def _supervise(rt: Runtime, job: JobRow, attempt: int, spec: dict) -> Outcome:
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
     spec["work_dir"] = str(work_dir)
+    spec["log"] = child_log_spec(settings.log_format, settings.log_level, job.id)
     read_fd, write_fd = os.pipe()
     log_path = work_dir / "child.log"
     with open(log_path, "wb") as child_log:

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(1200, ge=1, description="Requests per minute per owner and API process "
                                        "(429 past it).")
     log_level: str = Field("INFO", description="Log level of the API and the workers.")
+    log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per log line (ts, "
+                                                "level, logger, message, job_id on lines about a job, worker, "
+                                                "request_id). text: one plain line. `distillery serve` uses text "
+                                                "unless this is set.")
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> "Settings":
