@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.core.config import Settings, get_settings
 from app.core.deps import Services
 from app.core.errors import DistilleryError, error_body
+from app.core.uploads import sweep_temp_files
 from app.core.logs import RequestIdMiddleware
 from app.core.openapi import install_openapi
 
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         services = Services.build(settings)
+        sweep_temp_files(services.storage)  # temp files of API processes killed mid-upload, at once
         services.storage.clean_temp(older_than_s=3600)
         await services.open()
         app.state.services = services

@@ -11,8 +11,13 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
+from datetime import datetime, timezone
 
-from app.core.broker import send_run_job
+import psutil
+from sqlalchemy.exc import DBAPIError
+
+from app.core.broker import queue_depth, send_run_job
 from app.core.db import utcnow
 from app.core.tables import JobRow, WorkerRow
 from app.jobs import repository as repo
@@ -63,6 +68,7 @@ def probe_capabilities() -> dict:
 def register_worker(rt: Runtime, name: str) -> None:
     queues = ",".join(resolve_queues(rt.settings.worker_queues))
     info = probe_capabilities()
+    info["job_memory_limit_bytes"] = rt.settings.job_memory_limit_bytes  # the API admits jobs that fit it
     device = info.get("device") or ("cuda" if "gpu" in queues else "cpu")
 
     def upsert(session):
@@ -105,22 +111,26 @@ def _requeue_or_fail(rt: Runtime, job: JobRow, reason: str, extra_where: list) -
         send_run_job(rt.celery, job.id, job.queue)
 
 
-def reap_own(rt: Runtime, worker_name: str) -> None:
-    """Jobs recorded as running on this worker name belong to a previous, dead incarnation of it."""
+def reap_own(rt: Runtime, worker_name: str, before=None) -> None:
+    """Jobs recorded as running on this worker name belong to a previous, dead incarnation of it (those started
+    `before` this incarnation, when given: registration may be retried after this one has claimed jobs)."""
     with rt.db.session() as session:
         mine = repo.running_on_worker(session, worker_name)
+    extra = [JobRow.worker == worker_name] + ([JobRow.started_at < before] if before is not None else [])
     for job in mine:
-        _requeue_or_fail(rt, job, f"worker {worker_name} restarted during the job",
-                         [JobRow.worker == worker_name])
+        if before is None or (job.started_at is not None and job.started_at < before):
+            _requeue_or_fail(rt, job, f"worker {worker_name} restarted during the job", extra)
 
 
-def reap_once(rt: Runtime) -> None:
+def reap_once(rt: Runtime, reap_stale: bool = True) -> None:
+    """One round. `reap_stale=False` leaves running jobs alone (just after a database outage: see _loop)."""
     s = rt.settings
     cutoff = repo.cutoff(s.worker_lost_after_s)
     with rt.db.session() as session:
-        stale = repo.stale_running(session, cutoff)
+        stale = repo.stale_running(session, cutoff) if reap_stale else []
         undispatched = repo.undispatched(session, repo.cutoff(s.redispatch_after_s))
         exhausted = repo.exhausted_queued(session)
+        undispatched = _maybe_lost(rt, session, undispatched)
     for job in stale:
         _requeue_or_fail(rt, job, "the worker running this job stopped responding", [JobRow.heartbeat_at < cutoff])
     for job in exhausted:
@@ -138,17 +148,56 @@ def reap_once(rt: Runtime) -> None:
             break
 
 
-def _loop(worker_name: str) -> None:
-    rt = get_runtime()
+def _maybe_lost(rt: Runtime, session, jobs: list[JobRow]) -> list[JobRow]:
+    """The jobs to send again: never sent (dispatched_at unset), and, of those sent over redispatch_after_s ago,
+    the ones of a queue whose broker holds fewer messages than the database has queued jobs (a restarted Redis, a
+    lost file-system message). A job that only waits its turn in a long queue is not sent again every
+    redispatch_after_s (its copies would pile up). When the depth cannot be read, every one is sent (copies are
+    harmless: the claim is a conditional update)."""
+    verdict: dict[str, bool] = {}
+    out = []
+    for job in jobs:
+        if job.dispatched_at is not None:
+            if job.queue not in verdict:
+                depth = queue_depth(rt.celery, job.queue)
+                verdict[job.queue] = depth is None or depth < repo.queued_count(session, job.queue)
+            if not verdict[job.queue]:
+                continue
+        out.append(job)
+    return out
+
+
+def _register(rt: Runtime, worker_name: str, born) -> bool:
     try:
         register_worker(rt, worker_name)
-        reap_own(rt, worker_name)
+        reap_own(rt, worker_name, before=born)
+        return True
     except Exception:  # noqa: BLE001
         log.exception("worker registration failed; will retry")
+        return False
+
+
+def _loop(worker_name: str) -> None:
+    """Heartbeat and reap every reaper_interval_s. While the database is unreachable nobody can heartbeat, so every
+    running job's heartbeat goes stale at once: once the database is back, running jobs are left alone for
+    worker_lost_after_s, long enough for their live supervisors to heartbeat (or record their result) again, so an
+    outage does not turn every running job into a 'lost' one that runs a second time."""
+    rt = get_runtime()
+    born = datetime.fromtimestamp(psutil.Process().create_time(), timezone.utc)  # before any job of this process
+    registered = _register(rt, worker_name, born)
+    hold_stale_until = 0.0 if registered else time.monotonic() + rt.settings.worker_lost_after_s
     while not _stop.wait(rt.settings.reaper_interval_s):
         try:
+            if not registered:
+                registered = _register(rt, worker_name, born)
+                if not registered:
+                    hold_stale_until = time.monotonic() + rt.settings.worker_lost_after_s
+                    continue
             beat_worker(rt, worker_name)
-            reap_once(rt)
+            reap_once(rt, reap_stale=time.monotonic() >= hold_stale_until)
+        except DBAPIError as exc:
+            hold_stale_until = time.monotonic() + rt.settings.worker_lost_after_s
+            log.warning("reaper round failed, database unavailable: %s", exc.orig)
         except Exception:  # noqa: BLE001 - keep reaping through database or broker outages
             log.exception("reaper round failed")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from app.core.broker import send_run_job
 from app.core.logs import child_log_spec, job_context
@@ -47,21 +47,38 @@ class Outcome:
     transient: bool = False
 
 
-def _with_db_retry(rt: Runtime, fn, *, attempts: int = 8):
-    """Run fn(session) in a fresh transaction, retrying while the database is unreachable."""
-    delay = 0.5
-    for i in range(attempts):
+# How long a finished job's outcome (artifact row + metrics + succeeded, or its failure) is retried while the
+# database is unreachable: the work is done, so it is worth waiting for an outage to end rather than redoing it.
+RECORD_PATIENCE_S = 900.0
+
+
+def _db_unreachable(exc: BaseException) -> bool:
+    return isinstance(exc, (OperationalError, InterfaceError)) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated)
+
+
+def _with_db_retry(rt: Runtime, fn, *, attempts: int = 8, patience_s: float | None = None):
+    """Run fn(session) in a fresh transaction, retrying while the database is unreachable: `attempts` times with
+    back-off up to 10 s, or (`patience_s`) until that many seconds have passed, with back-off capped at a quarter of
+    worker_lost_after_s so the write lands within the reapers' grace after the database returns."""
+    delay = 0.5 if patience_s is None else 0.25
+    cap = 10.0 if patience_s is None else max(0.25, min(5.0, rt.settings.worker_lost_after_s / 4))
+    deadline = None if patience_s is None else time.monotonic() + patience_s
+    i = 0
+    while True:
+        i += 1
         try:
             with rt.db.session() as session:
                 out = fn(session)
                 session.commit()
                 return out
-        except OperationalError as exc:
-            if i == attempts - 1:
+        except DBAPIError as exc:
+            out_of_tries = i >= attempts if deadline is None else time.monotonic() + delay > deadline
+            if not _db_unreachable(exc) or out_of_tries:
                 raise
             log.warning("database unavailable (%s); retrying in %.1fs", exc.orig, delay)
             time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            delay = min(delay * 2, cap)
 
 
 def _device_for(job: JobRow) -> str:
@@ -299,7 +316,9 @@ def _safe_db(rt: Runtime, fn):
             out = fn(session)
             session.commit()
             return out
-    except OperationalError as exc:
+    except DBAPIError as exc:
+        if not _db_unreachable(exc):
+            raise
         log.warning("could not record progress: %s", exc.orig)
         return None
 
@@ -313,14 +332,16 @@ def _record(rt: Runtime, job: JobRow, attempt: int, outcome: Outcome, provenance
             return _record_success(rt, job, attempt, outcome.result, provenance)
         if outcome.code == ErrorCode.cancelled:
             _with_db_retry(rt, lambda s: repo.fail(s, job.id, ErrorCode.cancelled, outcome.message, attempt=attempt,
-                                                   status=JobStatus.cancelled))
+                                                   status=JobStatus.cancelled), patience_s=RECORD_PATIENCE_S)
             return "cancelled"
         if outcome.transient and attempt < job.max_attempts:
-            requeued = _with_db_retry(rt, lambda s: repo.requeue(s, job.id, attempt=attempt, reason=outcome.message))
+            requeued = _with_db_retry(rt, lambda s: repo.requeue(s, job.id, attempt=attempt, reason=outcome.message),
+                                      patience_s=RECORD_PATIENCE_S)
             if requeued is not None:
                 send_run_job(rt.celery, job.id, job.queue)
             return "requeued"
-        _with_db_retry(rt, lambda s: repo.fail(s, job.id, outcome.code, outcome.message, attempt=attempt))
+        _with_db_retry(rt, lambda s: repo.fail(s, job.id, outcome.code, outcome.message, attempt=attempt),
+                       patience_s=RECORD_PATIENCE_S)
         return "failed"
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -342,7 +363,7 @@ def _record_success(rt: Runtime, job: JobRow, attempt: int, result: dict, proven
         metrics = {**result.get("metrics", {}), "provenance": {**provenance, "artifact_sha256": sha}}
         return repo.succeed(session, job.id, attempt, artifact, metrics)
 
-    done = _with_db_retry(rt, commit)
+    done = _with_db_retry(rt, commit, patience_s=RECORD_PATIENCE_S)
     if done is None:
         log.warning("job %s: finished but no longer ours; result dropped", job.id)
         return "lost"

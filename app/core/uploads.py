@@ -5,8 +5,16 @@ The request body is never held in memory (FastAPI's UploadFile spools the whole 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import re
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
+
+import psutil
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
@@ -15,7 +23,70 @@ from starlette.requests import ClientDisconnect, Request
 from app.core.errors import DistilleryError, PayloadTooLarge, Unprocessable
 from app.core.storage import LocalStorage
 
-MAX_TEXT_FIELD = 4096
+MAX_TEXT_FIELD = 16384  # the `labels` field of 20 labels fits
+UNOWNED_TEMP_MAX_AGE_S = 3600.0
+log = logging.getLogger("distillery.uploads")
+
+
+# An upload's temp file is named after the process writing it: `upload~HOST~PID~START~<name>` (START: the
+# process's start time in 1/100 s). At start-up an API process removes the temp files of dead processes on its own
+# host (killed mid-upload) at once, but not a live process's: several API processes (uvicorn workers, other hosts
+# on a shared volume) share the temp folder. Files of other hosts, and unnamed ones, go by age (the store's
+# clean_temp: not written for an hour).
+_OWNED = re.compile(r"^upload~(?P<host>[A-Za-z0-9.-]{1,64})~(?P<pid>\d{1,10})~(?P<start>\d{1,16})~")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64] or "host"
+
+
+def _start_stamp(pid: int) -> int | None:
+    try:
+        return int(round(psutil.Process(pid).create_time() * 100))
+    except (psutil.Error, OSError):
+        return None
+
+
+def owned_temp(storage) -> tuple[BinaryIO, Path]:
+    """A new temp file from the store, renamed after this process (the open file follows the rename)."""
+    f, temp = storage.new_temp()
+    pid = os.getpid()
+    owned = temp.with_name(f"upload~{_host()}~{pid}~{_start_stamp(pid) or 0}~{temp.name}")
+    try:
+        os.rename(temp, owned)
+    except OSError:
+        f.close()
+        temp.unlink(missing_ok=True)
+        raise
+    return f, owned
+
+
+def _owner_alive(pid: int, start: int) -> bool:
+    now = _start_stamp(pid)
+    return now is not None and abs(now - start) <= 1  # a reused pid has another start time
+
+
+def sweep_temp_files(storage, unowned_max_age_s: float = UNOWNED_TEMP_MAX_AGE_S) -> int:
+    """Remove upload temp files whose writer is gone; returns how many were removed."""
+    folder = getattr(storage, "tmp", None)
+    if folder is None or not Path(folder).is_dir():
+        return 0
+    host, cutoff, removed = _host(), time.time() - unowned_max_age_s, 0
+    for p in Path(folder).iterdir():
+        m = _OWNED.match(p.name)
+        try:
+            if m and m["host"] == host:
+                stale = not _owner_alive(int(m["pid"]), int(m["start"]))
+            else:
+                stale = p.stat().st_mtime <= cutoff
+            if stale and p.is_file():
+                p.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass
+    if removed:
+        log.info("removed %d temp file(s) left by processes that died mid-upload", removed)
+    return removed
 
 
 class UnsupportedMediaType(DistilleryError):
@@ -78,7 +149,7 @@ class _Receiver:
                 raise Unprocessable(f"send exactly one '{self.file_field}' part", code="invalid_upload")
             fname = opts.get(b"filename")
             self.filename = fname.decode("utf-8", "replace")[:255] if fname else None
-            self.file, self.temp = self.storage.new_temp()
+            self.file, self.temp = owned_temp(self.storage)
 
     def on_part_data(self, data, start, end):
         chunk = data[start:end]

@@ -175,6 +175,11 @@ def undispatched(session: Session, older_than: datetime) -> list[JobRow]:
         (JobRow.dispatched_at.is_(None)) | (JobRow.dispatched_at < older_than))))
 
 
+def queued_count(session: Session, queue: str) -> int:
+    return session.scalar(select(func.count()).select_from(JobRow).where(
+        JobRow.status == JobStatus.queued.value, JobRow.queue == queue)) or 0
+
+
 def exhausted_queued(session: Session) -> list[JobRow]:
     return list(session.scalars(select(JobRow).where(
         JobRow.status == JobStatus.queued.value, JobRow.attempts >= JobRow.max_attempts)))

@@ -16,7 +16,7 @@ from app.core.deps import Services
 from app.core.errors import Conflict, DistilleryError, InvalidTransition, NotFound, Unprocessable
 from app.core.tables import JobRow, ModelRow, WorkerRow
 from app.datasets import service as datasets
-from app.jobs import repository as repo
+from app.jobs import admission, repository as repo
 from app.jobs.methods import METHODS, MethodRule, method_of
 from app.jobs.schemas import JobCreate, JobError, JobOut, ModelStudent
 from app.jobs.states import JobStatus
@@ -91,6 +91,8 @@ def create(services: Services, session: Session, who: Principal, body: JobCreate
     student_id = _student_model(session, scope, body)
     _check_concurrency(services, session, owner)
     queue = _resolve_queue(session, services, body.device)
+    admission.check_memory(session, services.settings, kind=body.kind, config=body.config, model=model,
+                           dataset_id=dataset_id, builtin=builtin, queue=queue)
     row = JobRow(owner=owner, kind=body.kind, status=JobStatus.queued.value, model_id=model.id,
                  dataset_id=dataset_id, builtin_dataset=builtin, student_model_id=student_id,
                  config=body.config.model_dump(mode="json"),
