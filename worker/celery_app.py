@@ -70,6 +70,10 @@ def _start_maintenance(sender=None, **_):
     from worker.maintenance import start_maintenance
 
     start_maintenance(sender.hostname)
+    from worker import childpool
+
+    # The first job's process starts now, from the worker's main thread, which lives as long as the worker.
+    childpool.get_pool(settings.data_dir, settings.job_prestart).top_up()
 
 
 @signals.worker_shutting_down.connect

@@ -1,4 +1,5 @@
-"""The job's own process: `python -m worker.runner REPORT_FD`, the spec as JSON on stdin.
+"""The job's own process: `python -m worker.runner REPORT_FD`, the spec as JSON on stdin (read once the engine
+is imported).
 
 It has no database or broker credentials; it reports JSON lines on REPORT_FD: progress, device, then one
 result or error. CUDA is first touched here, in a fresh interpreter, never in the worker.
@@ -18,16 +19,21 @@ def main(argv: list[str]) -> int:
         report.write(json.dumps(msg, allow_nan=False) + "\n")
         report.flush()
 
-    spec = json.loads(sys.stdin.read())
-    from app.core.logs import setup_child_logging
-
-    setup_child_logging(spec.get("log"))  # the worker's log format, with the job id on every line
+    # Import first, then wait for the spec: a worker may start this process ahead of its job (worker/childpool.py).
     try:
         from worker.engine import EngineError, JobSpec, RunContext, run_job
     except Exception as exc:  # noqa: BLE001 - a broken install is the worker's problem, not the job's
         emit(type="error", code="engine_unavailable", message=f"the engine could not be imported: {exc}",
              transient=True)
         return 75
+    raw = sys.stdin.read()
+    if not raw:  # the worker discarded this spare process
+        return 0
+    spec = json.loads(raw)
+    from app.core.logs import setup_child_logging
+
+    setup_child_logging(spec.get("log"))  # the worker's log format, with the job id on every line
+    os.chdir(spec["work_dir"])
     device = _resolve_device(spec.get("device", "auto"))
     if device is None:
         emit(type="error", code="cuda_unavailable", message="the job asked for device 'cuda' but this worker "

@@ -13,7 +13,6 @@ import queue
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,11 +23,11 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from app.core.broker import send_run_job
 from app.core.logs import child_log_spec, job_context
-from app.core.procs import die_with_parent
 from app.core.storage import ContentCorrupt, StorageUnavailable
 from app.core.tables import ArtifactRow, DatasetRow, JobRow, ModelRow
 from app.jobs import repository as repo
 from app.jobs.states import ErrorCode, JobStatus
+from worker import childpool
 from worker.runtime import Runtime
 
 log = logging.getLogger("distillery.worker")
@@ -148,15 +147,6 @@ def _fetch_inputs(rt: Runtime, spec: dict) -> dict | Outcome:
     return spec
 
 
-def _child_env() -> dict[str, str]:
-    """The job's process gets no database or broker credentials."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLERY_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
 def _reader(fd: int, out: queue.Queue) -> None:
     with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -196,24 +186,24 @@ def _supervise(rt: Runtime, job: JobRow, attempt: int, spec: dict) -> Outcome:
     work_dir.mkdir(parents=True)
     spec["work_dir"] = str(work_dir)
     spec["log"] = child_log_spec(settings.log_format, settings.log_level, job.id)
-    read_fd, write_fd = os.pipe()
-    log_path = work_dir / "child.log"
-    with open(log_path, "wb") as child_log:
-        proc = subprocess.Popen([sys.executable, "-m", "worker.runner", str(write_fd)], stdin=subprocess.PIPE,
-                                stdout=child_log, stderr=subprocess.STDOUT, pass_fds=(write_fd,), cwd=work_dir,
-                                env=_child_env(), preexec_fn=die_with_parent())
-    os.close(write_fd)
+    pool = childpool.get_pool(settings.data_dir, settings.job_prestart)
+    child = pool.take(work_dir)
+    proc, log_path = child.proc, child.log_path
     reports: queue.Queue = queue.Queue()
-    threading.Thread(target=_reader, args=(read_fd, reports), daemon=True).start()
+    threading.Thread(target=_reader, args=(child.report_fd, reports), daemon=True).start()
     try:
         proc.stdin.write(json.dumps(spec).encode())
         proc.stdin.close()
     except BrokenPipeError:
         pass
-    outcome = _Watch(rt, job, attempt, proc, reports).run()
+    try:
+        outcome = _Watch(rt, job, attempt, proc, reports).run()
+    finally:
+        _kill(proc)  # a child that outlived its outcome (lost claim) must not keep running
     if outcome.kind == "crash":
         tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
         log.warning("job %s: child crashed: %s\n%s", job.id, outcome.message, tail)
+    pool.top_up()  # the next job's process starts now that this one is over
     return outcome
 
 

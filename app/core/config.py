@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     broker_poll_interval_s: float = Field(0.1, gt=0, description="Polling interval of the embedded (filesystem) broker.")
     worker_queues: str = Field("auto", description="Queues a worker consumes: 'auto' (gpu when CUDA is present, else cpu) or a comma list.")
     worker_concurrency: int = Field(1, ge=1, description="Jobs one worker runs at once.")
+    job_prestart: bool = Field(True, description="Keep one job process started ahead with the engine imported, so "
+                               "a job does not wait 1-2 s for torch to import (costs that idle process's memory, "
+                               "about 0.3 GB).")
     api_workers: int = Field(2, ge=1, description="uvicorn processes of `distillery api`.")
     auth: Literal["required", "open"] = Field("required", description="required: every /v1 request needs "
                                               "`Authorization: Bearer <key>`. open: requests without a key act as "
