@@ -110,6 +110,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)  # X-Request-ID, and request_id on the request's log lines
     for router in (models_router, datasets_router, jobs_router, artifacts_router, workers_router):
         app.include_router(router, prefix="/v1")
+    from app.labels.endpoints import router as labels_router
+    from app.lineage.endpoints import router as lineage_router
+
+    app.include_router(labels_router, prefix="/v1")  # PATCH labels of models and jobs
+    app.include_router(lineage_router, prefix="/v1")  # artifacts as models, a model's jobs, an artifact's lineage
     app.include_router(system_router)
     app.include_router(dashboard_router)  # `/`: a static page, left out of the OpenAPI spec
     return app

@@ -22,11 +22,13 @@ from app.core.db import utcnow
 from app.core.tables import JobRow, WorkerRow
 from app.jobs import repository as repo
 from app.jobs.states import ErrorCode
+from app.webhooks.delivery import WebhookDeliverer
 from worker.runtime import Runtime, get_runtime
 
 log = logging.getLogger("distillery.reaper")
 _stop = threading.Event()
 _thread: threading.Thread | None = None
+_webhooks: WebhookDeliverer | None = None
 
 
 def detect_device() -> str:
@@ -203,11 +205,16 @@ def _loop(worker_name: str) -> None:
 
 
 def start_maintenance(worker_name: str) -> None:
-    global _thread
+    global _thread, _webhooks
     _stop.clear()
     _thread = threading.Thread(target=_loop, args=(worker_name,), name="distillery-maintenance", daemon=True)
     _thread.start()
+    rt = get_runtime()  # the webhook outbox is delivered on a thread of its own (a slow receiver never delays reaping)
+    _webhooks = WebhookDeliverer(rt.db, rt.settings, rt.settings.reaper_interval_s)
+    _webhooks.start()
 
 
 def stop_maintenance() -> None:
     _stop.set()
+    if _webhooks is not None:
+        _webhooks.stop()

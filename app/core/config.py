@@ -53,11 +53,29 @@ class Settings(BaseSettings):
                                              "artifacts one owner may store (413 past it).")
     rate_limit_per_minute: int = Field(1200, ge=1, description="Requests per minute per owner and API process "
                                        "(429 past it).")
+    webhook_allowed_hosts: str = Field("", description="Hosts a job's callback_url may name, comma-separated: "
+                                       "host names (`hooks.example.com`, `*.example.com` for subdomains), IP "
+                                       "addresses or CIDR blocks. A host name may only reach public addresses; "
+                                       "internal ones must be listed themselves. Empty: webhooks are disabled.")
+    webhook_secret: str = Field("", description="HMAC-SHA256 key of the X-Distillery-Signature header (at least 16 "
+                                "characters; required when webhook_allowed_hosts is set).")
+    webhook_max_attempts: int = Field(6, ge=1, le=20, description="Delivery attempts per webhook before it is "
+                                      "marked failed.")
+    webhook_timeout_s: float = Field(5.0, gt=0, le=60, description="Connect/read timeout of one delivery attempt.")
+    webhook_backoff_s: float = Field(10.0, gt=0, description="Delay before the first retry of a webhook; doubled "
+                                     "after each failed attempt (capped at one hour).")
     log_level: str = Field("INFO", description="Log level of the API and the workers.")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per log line (ts, "
                                                 "level, logger, message, job_id on lines about a job, worker, "
                                                 "request_id). text: one plain line. `distillery serve` uses text "
                                                 "unless this is set.")
+
+    @model_validator(mode="after")
+    def _webhooks_need_a_secret(self) -> "Settings":
+        if self.webhook_allowed_hosts.strip() and len(self.webhook_secret) < 16:
+            raise ValueError("DISTILLERY_WEBHOOK_ALLOWED_HOSTS is set but DISTILLERY_WEBHOOK_SECRET is missing or "
+                             "shorter than 16 characters: webhooks would go out unsigned")
+        return self
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> "Settings":

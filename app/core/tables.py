@@ -1,11 +1,12 @@
-"""The database schema: models, datasets, jobs (with their events), artifacts and workers."""
+"""The database schema: models, datasets, jobs (with their events), artifacts, workers, labels and the webhook
+outbox."""
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.core.db import Base, UTCDateTime, utcnow
 from app.core.ids import new_id
@@ -22,6 +23,10 @@ class ModelRow(Base):
     info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # A model made from one of our artifacts (no copy: same sha256); no FK, as jobs.artifact_id (avoids a cycle).
+    source_artifact_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    label_rows: Mapped[list["ModelLabelRow"]] = relationship(cascade="all, delete-orphan",
+                                                             order_by="ModelLabelRow.key")
 
 
 class DatasetRow(Base):
@@ -73,6 +78,9 @@ class JobRow(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    callback_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    label_rows: Mapped[list["JobLabelRow"]] = relationship(cascade="all, delete-orphan", order_by="JobLabelRow.key")
+    webhook_delivery: Mapped["WebhookDeliveryRow | None"] = relationship(viewonly=True, uselist=False)
 
 
 class JobEventRow(Base):
@@ -120,3 +128,47 @@ class ApiKeyRow(Base):
     admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class ModelLabelRow(Base):
+    """One label of a model. The primary key answers "this model's label k"; (key, value) serves ?label= filters."""
+
+    __tablename__ = "model_labels"
+    __table_args__ = (Index("ix_model_labels_key_value", "key", "value"),)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(63), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
+
+
+class JobLabelRow(Base):
+    """One label of a job (as ModelLabelRow)."""
+
+    __tablename__ = "job_labels"
+    __table_args__ = (Index("ix_job_labels_key_value", "key", "value"),)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(63), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
+
+
+class WebhookDeliveryRow(Base):
+    """The webhook outbox: one row per job that ended with a callback_url, written in the same transaction as the
+    job's terminal transition, then delivered (claimed conditionally, retried with back-off) by the workers."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("job_id", name="uq_webhook_deliveries_job_id"),
+        Index("ix_webhook_deliveries_state_next_attempt_at", "state", "next_attempt_at"),
+    )
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2048))
+    event: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

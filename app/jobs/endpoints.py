@@ -18,6 +18,8 @@ from app.jobs import repository as repo
 from app.jobs import service
 from app.jobs.schemas import JobCreate, JobEventOut, JobOut
 from app.jobs.states import TERMINAL, JobStatus
+from app.labels.schemas import LabelQuery
+from app.labels.service import parse_filters
 
 router = APIRouter(tags=["jobs"])
 JobId = Path(pattern=ID_PATTERN, description="A job id.")
@@ -41,8 +43,9 @@ def create_job(body: JobCreate, response: Response, services: ServicesDep, sessi
 @router.get("/jobs", response_model=Page[JobOut], summary="List jobs, newest first")
 def list_jobs(session: SessionDep, who: PrincipalDep, cursor: CursorQuery = None, limit: LimitQuery = 50,
               status: JobStatus | None = None, kind: Annotated[str | None, Query(max_length=16)] = None,
-              model_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None):
-    rows = repo.list_page(session, who.scope, status=status, kind=kind, model_id=model_id, cursor=cursor, limit=limit)
+              model_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None, label: LabelQuery = None):
+    rows = repo.list_page(session, who.scope, status=status, kind=kind, model_id=model_id, cursor=cursor, limit=limit,
+                          labels=parse_filters(label))
     return Page[JobOut](items=[service.to_out(r) for r in rows], next_cursor=next_cursor(rows, limit))
 
 

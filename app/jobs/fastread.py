@@ -7,16 +7,24 @@ equal the regular `JobOut` rendering. SQLite deployments (the embedded default) 
 """
 from __future__ import annotations
 
+from datetime import datetime
+
 import orjson
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.engine import make_url
 
 from app.jobs.service import BUILTIN_PREFIX
+from app.webhooks.schemas import webhook_out
 
 _COLUMNS = ("id, kind, status, model_id, dataset_id, builtin_dataset, config::text AS config, device_requested, "
             "progress, stage, attempts, max_attempts, error_code, error_message, metrics::text AS metrics, "
-            "artifact_id, worker, device, owner, created_at, started_at, finished_at, updated_at")
+            "artifact_id, worker, device, owner, created_at, started_at, finished_at, updated_at, callback_url, "
+            "COALESCE((SELECT json_object_agg(l.key, l.value ORDER BY l.key COLLATE \"C\") FROM job_labels l "
+            "WHERE l.job_id = jobs.id), '{}'::json)::text AS labels, "
+            "(SELECT row_to_json(d)::text FROM (SELECT w.event, w.state, w.attempts, w.last_status_code, "
+            "w.last_error, w.last_attempt_at, w.next_attempt_at, w.delivered_at FROM webhook_deliveries w "
+            "WHERE w.job_id = jobs.id) d) AS webhook")
 _QUERY = f"SELECT {_COLUMNS} FROM jobs WHERE id = %s AND owner = %s"
 _QUERY_ANY_OWNER = f"SELECT {_COLUMNS} FROM jobs WHERE id = %s"
 _JSON_OPTS = orjson.OPT_UTC_Z
@@ -56,6 +64,8 @@ def render(row: dict) -> bytes:
     code, message = row.pop("error_code"), row.pop("error_message")
     row["error"] = {"code": code, "message": message or ""} if code else None
     row["config"] = orjson.Fragment(row["config"])
+    row["labels"] = orjson.Fragment(row["labels"])
+    row["webhook"] = _webhook(row.pop("callback_url"), row["webhook"])
     metrics = row["metrics"]
     row["metrics"] = orjson.Fragment(metrics) if metrics is not None and metrics != "null" else None
     out = {k: row[k] for k in ORDER}
@@ -64,4 +74,15 @@ def render(row: dict) -> bytes:
 
 ORDER = ("id", "kind", "status", "model_id", "dataset_id", "config", "device_requested", "progress", "stage",
          "attempts", "max_attempts", "error", "metrics", "artifact_id", "worker", "device", "owner", "created_at",
-         "started_at", "finished_at", "updated_at")
+         "started_at", "finished_at", "updated_at", "labels", "webhook")
+
+
+def _webhook(callback_url: str | None, delivery_json: str | None) -> dict | None:
+    if not callback_url:
+        return None
+    delivery = orjson.loads(delivery_json) if delivery_json else None
+    if delivery is not None:
+        for key in ("last_attempt_at", "next_attempt_at", "delivered_at"):
+            if delivery[key] is not None:
+                delivery[key] = datetime.fromisoformat(delivery[key])
+    return webhook_out(callback_url, delivery).model_dump()

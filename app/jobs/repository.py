@@ -5,11 +5,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, case, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from app.core.db import utcnow
-from app.core.tables import ArtifactRow, JobEventRow, JobRow
-from app.jobs.states import ACTIVE, JobStatus, sources_of
+from app.core.tables import ArtifactRow, JobEventRow, JobLabelRow, JobRow
+from app.jobs.states import ACTIVE, TERMINAL, JobStatus, sources_of
+from app.labels.service import filter_clauses
+from app.webhooks import outbox
 
 
 def get(session: Session, job_id: str, owner: str | None = None) -> JobRow | None:
@@ -24,8 +26,9 @@ def get_by_idempotency_key(session: Session, owner: str, key: str) -> JobRow | N
 
 
 def list_page(session: Session, owner: str | None, *, status: str | None, kind: str | None, model_id: str | None,
-              cursor: str | None, limit: int) -> list[JobRow]:
-    stmt = select(JobRow)
+              cursor: str | None, limit: int, labels: list[tuple[str, str | None]] = ()) -> list[JobRow]:
+    stmt = select(JobRow).options(selectinload(JobRow.label_rows), selectinload(JobRow.webhook_delivery))
+    stmt = stmt.where(*filter_clauses(JobLabelRow, JobLabelRow.job_id, JobRow.id, list(labels)))
     if owner is not None:
         stmt = stmt.where(JobRow.owner == owner)
     if status:
@@ -65,10 +68,12 @@ def transition(session: Session, job_id: str, *, to: JobStatus | None = None, wh
     values["updated_at"] = now
     row = session.execute(
         update(JobRow).where(and_(*conds)).values(**values)
-        .returning(JobRow.event_seq, JobRow.status, JobRow.progress, JobRow.stage)
+        .returning(JobRow.event_seq, JobRow.status, JobRow.progress, JobRow.stage, JobRow.callback_url)
     ).one_or_none()
     if row is None:
         return None
+    if to in TERMINAL and row.callback_url:  # the webhook outbox, in the transaction that ends the job
+        outbox.record(session, job_id, row.callback_url, to.value)
     if evented:
         session.add(JobEventRow(job_id=job_id, seq=row.event_seq, status=row.status, progress=row.progress,
                                 stage=row.stage, created_at=now))

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from app.core.ids import ID_PATTERN
+from app.webhooks.schemas import WebhookOut
 
 
 class StrictModel(BaseModel):
@@ -155,9 +156,15 @@ DatasetRef = Annotated[str, Field(
 
 
 class _JobCreateBase(StrictModel):
-    model_id: Id
+    model_id: Id | None = Field(None, description="The input model. Give exactly one of model_id and artifact_id.")
+    artifact_id: Id | None = Field(None, description="An artifact of an earlier job as the input model (no download: "
+                                   "a model row pointing at the same stored file is made, or reused).")
     dataset_id: DatasetRef | None = Field(None, description="Calibration / evaluation / training data.")
     device: Device = Field("auto", description="auto: a GPU worker when one is live, else CPU.")
+    labels: dict[str, str] | None = Field(None, description="Up to 20 labels, keys [a-z0-9_.-]{1,63}, values up to "
+                                          "255 characters; filter lists with ?label=key:value.")
+    callback_url: str | None = Field(None, max_length=2048, description="POSTed the job JSON, signed, when the job "
+                                     "ends; its host must be on the server's webhook allow-list.")
 
 
 class QuantizeJobCreate(_JobCreateBase):
@@ -205,6 +212,8 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    labels: dict[str, str] = {}
+    webhook: WebhookOut | None = Field(None, description="Delivery of the callback_url webhook, when the job has one.")
 
 
 class JobEventOut(BaseModel):

@@ -14,13 +14,17 @@ from app.auth.keys import Principal
 from app.core.db import utcnow
 from app.core.deps import Services
 from app.core.errors import Conflict, DistilleryError, InvalidTransition, NotFound, Unprocessable
-from app.core.tables import JobRow, ModelRow, WorkerRow
+from app.core.tables import JobLabelRow, JobRow, ModelRow, WorkerRow
 from app.datasets import service as datasets
 from app.jobs import admission, repository as repo
 from app.jobs.methods import METHODS, MethodRule, method_of
 from app.jobs.schemas import JobCreate, JobError, JobOut, ModelStudent
 from app.jobs.states import JobStatus
+from app.labels import service as labels
+from app.lineage import service as lineage
 from app.models import service as models
+from app.webhooks.policy import check_callback_url
+from app.webhooks.schemas import webhook_out
 
 log = logging.getLogger("distillery.jobs")
 
@@ -45,7 +49,8 @@ def to_out(row: JobRow) -> JobOut:
         error=JobError(code=row.error_code, message=row.error_message or "") if row.error_code else None,
         metrics=row.metrics, artifact_id=row.artifact_id, worker=row.worker, device=row.device, owner=row.owner,
         created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at,
-        updated_at=row.updated_at)
+        updated_at=row.updated_at, labels=labels.as_dict(row.label_rows),
+        webhook=webhook_out(row.callback_url, row.webhook_delivery) if row.callback_url else None)
 
 
 def _check_dataset_fits(model_info: dict, dataset_info: dict) -> None:
@@ -83,7 +88,10 @@ def create(services: Services, session: Session, who: Principal, body: JobCreate
         existing = repo.get_by_idempotency_key(session, owner, idempotency_key)
         if existing is not None:
             return _replay(existing, digest), False
-    model = models.get(session, scope, body.model_id)
+    job_labels = labels.validate(body.labels)
+    callback_url = check_callback_url(body.callback_url, services.settings.webhook_allowed_hosts) \
+        if body.callback_url is not None else None
+    model = lineage.input_model(services, session, who, body.model_id, body.artifact_id)
     method = method_of(body.kind, body.config)
     rule = METHODS[(body.kind, method)]
     _check_formats(body, method, rule, model.format)
@@ -99,7 +107,8 @@ def create(services: Services, session: Session, who: Principal, body: JobCreate
                  device_requested=body.device, queue=queue, progress=0.0,
                  stage="queued" if queue == "cpu" else "queued for a GPU worker",
                  max_attempts=services.settings.max_attempts, idempotency_key=idempotency_key,
-                 request_sha256=digest, dispatched_at=utcnow())
+                 request_sha256=digest, dispatched_at=utcnow(), callback_url=callback_url)
+    labels.replace(row, JobLabelRow, job_labels)
     repo.add(session, row)
     try:
         session.commit()

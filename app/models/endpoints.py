@@ -10,6 +10,8 @@ from app.core.ids import ID_PATTERN
 from app.core.pagination import CursorQuery, LimitQuery, next_cursor
 from app.core.schemas import Page
 from app.core.uploads import UnsupportedMediaType, UploadAborted, receive_upload
+from app.labels.schemas import LabelQuery
+from app.labels.service import parse_filters
 from app.models import repository as repo
 from app.models import service
 from app.models.schemas import ModelOut
@@ -20,7 +22,8 @@ ModelId = Path(pattern=ID_PATTERN, description="A model id.")
 MULTIPART_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"],
     "properties": {"file": {"type": "string", "format": "binary", "description": "ONNX or TorchScript file."},
-                   "name": {"type": "string", "maxLength": 255}}}}}}}
+                   "name": {"type": "string", "maxLength": 255},
+                   "labels": {"type": "string", "description": 'A JSON object of labels, e.g. {"team": "search"}.'}}}}}}}
 
 
 @router.post("/models", status_code=201, response_model=ModelOut, openapi_extra=MULTIPART_BODY,
@@ -32,8 +35,9 @@ async def upload_model(request: Request, services: ServicesDep, who: PrincipalDe
 
 
 @router.get("/models", response_model=Page[ModelOut])
-def list_models(session: SessionDep, who: PrincipalDep, cursor: CursorQuery = None, limit: LimitQuery = 50):
-    rows = repo.list_page(session, who.scope, cursor, limit)
+def list_models(session: SessionDep, who: PrincipalDep, cursor: CursorQuery = None, limit: LimitQuery = 50,
+                label: LabelQuery = None):
+    rows = repo.list_page(session, who.scope, cursor, limit, labels=parse_filters(label))
     return Page[ModelOut](items=[service.to_out(r) for r in rows], next_cursor=next_cursor(rows, limit))
 
 

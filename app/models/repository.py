@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from app.core.db import utcnow
-from app.core.tables import ArtifactRow, DatasetRow, ModelRow
+from app.core.tables import ArtifactRow, DatasetRow, ModelLabelRow, ModelRow
+from app.labels.service import filter_clauses
 
 
 def owned(stmt, column, owner: str | None):
@@ -17,8 +18,11 @@ def get(session: Session, owner: str | None, model_id: str) -> ModelRow | None:
     return session.scalars(owned(stmt, ModelRow.owner, owner)).one_or_none()
 
 
-def list_page(session: Session, owner: str | None, cursor: str | None, limit: int) -> list[ModelRow]:
+def list_page(session: Session, owner: str | None, cursor: str | None, limit: int,
+              labels: list[tuple[str, str | None]] = ()) -> list[ModelRow]:
     stmt = owned(select(ModelRow).where(ModelRow.deleted_at.is_(None)), ModelRow.owner, owner)
+    stmt = stmt.where(*filter_clauses(ModelLabelRow, ModelLabelRow.model_id, ModelRow.id, list(labels)))
+    stmt = stmt.options(selectinload(ModelRow.label_rows))
     if cursor:
         stmt = stmt.where(ModelRow.id < cursor)
     return list(session.scalars(stmt.order_by(ModelRow.id.desc()).limit(limit)))
@@ -38,10 +42,12 @@ def content_referenced(session: Session, sha256: str) -> bool:
 
 
 def stored_bytes(session: Session, owner: str) -> int:
-    """What one owner stores: live models, datasets and artifacts."""
+    """What one owner stores: live models, datasets and artifacts. A model made from an artifact shares the
+    artifact's file and is not counted again."""
     parts = (
         select(func.coalesce(func.sum(ModelRow.size_bytes), 0)).where(ModelRow.owner == owner,
-                                                                     ModelRow.deleted_at.is_(None)),
+                                                                     ModelRow.deleted_at.is_(None),
+                                                                     ModelRow.source_artifact_id.is_(None)),
         select(func.coalesce(func.sum(DatasetRow.size_bytes), 0)).where(DatasetRow.owner == owner),
         select(func.coalesce(func.sum(ArtifactRow.size_bytes), 0)).where(ArtifactRow.owner == owner),
     )

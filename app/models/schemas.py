@@ -29,3 +29,6 @@ class ModelOut(BaseModel):
     owner: str
     created_at: datetime
     inspection: InspectionOut
+    labels: dict[str, str] = {}
+    source_artifact_id: str | None = Field(None, description="Set when the model was made from an artifact (same "
+                                                             "stored file); see GET /v1/artifacts/{id}/lineage.")

@@ -5,9 +5,10 @@ from sqlalchemy.orm import Session
 
 from app.core.deps import Services
 from app.core.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
-from app.core.tables import ModelRow
+from app.core.tables import ModelLabelRow, ModelRow
 from app.core.uploads import ReceivedUpload
 from app.jobs import repository as jobs_repo
+from app.labels import service as labels
 from app.models import repository as repo
 from app.models.inspect import ModelRejected, inspect_model
 from app.models.schemas import InspectionOut, ModelOut
@@ -46,6 +47,7 @@ def forget_content(services: Services, session: Session, sha256: str) -> None:
 def create_from_upload(services: Services, owner: str, received: ReceivedUpload) -> ModelOut:
     try:
         name = clean_name(received.fields.get("name"), received.filename or "model")
+        model_labels = labels.parse_form_field(received.fields.get("labels"))
         try:
             info = inspect_model(received.temp_path)
         except ModelRejected as exc:
@@ -55,6 +57,7 @@ def create_from_upload(services: Services, owner: str, received: ReceivedUpload)
         received.temp_path.unlink(missing_ok=True)
     row = ModelRow(owner=owner, name=name, format=info.format, size_bytes=received.size_bytes,
                    sha256=received.sha256, info=info.to_dict())
+    labels.replace(row, ModelLabelRow, model_labels)
     return to_out(insert_uploaded(services, row))
 
 
@@ -79,7 +82,8 @@ def to_out(row: ModelRow) -> ModelOut:
                     owner=row.owner, created_at=row.created_at,
                     inspection=InspectionOut(status="done", inputs=info.get("inputs", []),
                                              outputs=info.get("outputs", []), params=info.get("params"),
-                                             details=info.get("details", {})))
+                                             details=info.get("details", {})),
+                    labels=labels.as_dict(row.label_rows), source_artifact_id=row.source_artifact_id)
 
 
 def get(session: Session, owner: str | None, model_id: str) -> ModelRow:
