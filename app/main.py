@@ -39,6 +39,21 @@ def _validation_detail(exc: RequestValidationError) -> list[dict]:
     return out
 
 
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
+
+
+def _body_parse_reason(cause: BaseException) -> str:
+    """Why FastAPI could not read a JSON body that is not a plain syntax error (it says only 'There was an error
+    parsing the body')."""
+    if isinstance(cause, RecursionError):
+        return "it is nested too deeply"
+    if isinstance(cause, UnicodeDecodeError):
+        return "it is not UTF-8 text"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "a number has too many digits"
+    return f"it cannot be parsed ({type(cause).__name__})"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DistilleryError)
     async def _domain(_: Request, exc: DistilleryError):
@@ -58,6 +73,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException):
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else code
+        if exc.status_code == 400 and exc.detail == _FASTAPI_BODY_ERROR and exc.__cause__ is not None:
+            message = f"the request body cannot be read as JSON: {_body_parse_reason(exc.__cause__)}"
         return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
 
     async def _db_down(_: Request, exc: Exception):

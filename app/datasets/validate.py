@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,10 @@ NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")
 ALLOWED_KINDS = "biuf"  # bool, signed, unsigned, float
 MAX_ARRAYS = 256
 MAX_SAMPLES = 50_000_000
+LABEL_BLOCK_BYTES = 1024 * 1024  # labels are checked a block at a time: memory stays bounded whatever their size
+# What a damaged or hostile archive raises while its members are read (bad CRC, bad deflate data, unknown
+# compression method, truncated member, ...).
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError, RuntimeError)
 
 
 class DatasetRejected(Exception):
@@ -31,6 +36,16 @@ class ArrayHeader:
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
+
+
+def _read_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of an .npy stream, which is left at the start of the data."""
+    version = npformat.read_magic(f)
+    if version == (1, 0):
+        return npformat.read_array_header_1_0(f)
+    if version in ((2, 0), (3, 0)):
+        return npformat.read_array_header_2_0(f)
+    raise ValueError(f"unknown .npy version {version}")
 
 
 def _read_headers(zf: zipfile.ZipFile, max_total_bytes: int) -> dict[str, ArrayHeader]:
@@ -52,18 +67,13 @@ def _read_headers(zf: zipfile.ZipFile, max_total_bytes: int) -> dict[str, ArrayH
             raise DatasetRejected("invalid_dataset", f"array name {name!r} is not allowed")
         with zf.open(info) as f:
             try:
-                version = npformat.read_magic(f)
-                if version == (1, 0):
-                    shape, fortran, dtype = npformat.read_array_header_1_0(f)
-                elif version in ((2, 0), (3, 0)):
-                    shape, fortran, dtype = npformat.read_array_header_2_0(f)
-                else:
-                    raise ValueError(f"unknown .npy version {version}")
+                shape, fortran, dtype = _read_header(f)
             except ValueError as exc:
                 raise DatasetRejected("invalid_dataset", f"array {name!r} has a corrupt header: {exc}") from None
         if dtype.hasobject or dtype.fields is not None or dtype.kind not in ALLOWED_KINDS:
             raise DatasetRejected("invalid_dataset", f"array {name!r} has dtype {dtype}; only numeric arrays are "
-                                  "accepted (no object, string or structured arrays)")
+                                  "accepted (no object, string or structured arrays: object arrays are stored "
+                                  "as pickles, which are never loaded)")
         if len(shape) == 0:
             raise DatasetRejected("invalid_dataset", f"array {name!r} is a scalar; arrays need a sample axis")
         expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -95,11 +105,15 @@ def validate_npz(path: Path, max_total_bytes: int) -> dict:
     """Returns the dataset's info (arrays, inputs, sample counts, labels); raises DatasetRejected."""
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError):
+    except _ZIP_ERRORS:
         raise DatasetRejected("not_an_npz", "the file is not an .npz archive (save one with numpy.savez)") from None
     with zf:
-        headers = _read_headers(zf, max_total_bytes)
-        labels_ok = _load_labels(zf, headers)
+        try:
+            headers = _read_headers(zf, max_total_bytes)
+            labels_ok = _load_labels(zf, headers)
+        except _ZIP_ERRORS as exc:
+            raise DatasetRejected("corrupt_dataset", f"the .npz archive is truncated or corrupt: {exc}",
+                                  {"reason": str(exc)[:500]}) from None
     train = sorted(n for n in headers if not n.endswith("_test") and n != "y")
     test = sorted(n for n in headers if n.endswith("_test") and n != "y_test")
     if not train:
@@ -128,15 +142,24 @@ def validate_npz(path: Path, max_total_bytes: int) -> dict:
 
 
 def _load_labels(zf: zipfile.ZipFile, headers: dict[str, ArrayHeader]) -> int | None:
-    """Labels are small: load them (allow_pickle=False) to check they are non-negative class indices."""
+    """Read the labels (a block at a time, never unpickling) to check they are non-negative class indices."""
     top = None
     for name in ("y", "y_test"):
         if name not in headers or headers[name].dtype.kind not in "iu":
             continue
+        header = headers[name]
+        left = int(np.prod(header.shape, dtype=np.int64))
+        block = max(1, LABEL_BLOCK_BYTES // header.dtype.itemsize)
         with zf.open(name + ".npy") as f:
-            y = npformat.read_array(f, allow_pickle=False)
-        if y.size and int(y.min()) < 0:
-            raise DatasetRejected("invalid_dataset", f"{name!r} has negative labels; use class indices 0..C-1")
-        if y.size:
-            top = max(top or 0, int(y.max()) + 1)
+            _read_header(f)  # checked by _read_headers; read again to reach the data
+            while left:
+                count = min(left, block)
+                raw = f.read(count * header.dtype.itemsize)
+                if len(raw) != count * header.dtype.itemsize:
+                    raise DatasetRejected("corrupt_dataset", f"array {name!r} is truncated")
+                y = np.frombuffer(raw, dtype=header.dtype)
+                if int(y.min()) < 0:
+                    raise DatasetRejected("invalid_dataset", f"{name!r} has negative labels; use class indices 0..C-1")
+                top = max(top or 0, int(y.max()) + 1)
+                left -= count
     return top

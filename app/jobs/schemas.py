@@ -11,7 +11,8 @@ from app.webhooks.schemas import WebhookOut
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict: no coercion of wrong JSON types (true or "3" for a number); NaN and infinities are refused.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class CalibrationConfig(StrictModel):

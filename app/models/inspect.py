@@ -3,7 +3,9 @@
 Uploaded files are hostile. This module is stdlib-only (the API process never imports
 torch, onnx or onnxruntime) and executes nothing from the file: ONNX is decoded from the
 protobuf wire format while seeking past tensor payloads, and TorchScript pickles are only
-disassembled with ``pickletools``, never unpickled.
+disassembled with ``pickletools``, never unpickled: an archive whose pickles name any Python global
+outside the few that TorchScript's own unpickler understands is refused (``unsafe_pickle``), and so is one whose
+members expand far beyond their compressed size (a zip bomb).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickletools
+import re
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -24,7 +27,10 @@ _MAX_OP_TYPES = 200
 _MAX_FIELDS = 20_000_000  # protobuf fields visited; bounds the parse time of hostile files
 _MAX_PICKLE_BYTES = 64 * 1024 * 1024
 _MAX_ZIP_DIRECTORY = 4 * 1024 * 1024
+_MAX_EXPANSION = 100  # uncompressed / compressed size of an archive member; torch.jit.save stores (ratio 1)
+_EXPANSION_FLOOR = 1024 * 1024  # members smaller than this, uncompressed, are not checked
 _MAX_PLAUSIBLE_IR_VERSION = 100
+_MAX_SUBGRAPH_DEPTH = 32  # If/Loop/Scan bodies within bodies
 
 _PICKLE_MESSAGE = (
     "Plain pickled PyTorch checkpoints (torch.save) are not accepted because loading them "
@@ -45,10 +51,13 @@ _OTHER_VALUE_TYPES = {4: "sequence", 5: "map", 7: "opaque", 9: "optional"}  # Ty
 
 # Expected wire types of the fields this module reads, per message (0 varint, 2 bytes).
 _VARINT, _BYTES, _INTS = (0,), (2,), (0, 2)
-_MODEL = {1: _VARINT, 2: _BYTES, 7: _BYTES, 8: _BYTES}
+_MODEL = {1: _VARINT, 2: _BYTES, 7: _BYTES, 8: _BYTES, 20: _BYTES, 25: _BYTES}
 _OPSET = {1: _BYTES, 2: _VARINT}
 _GRAPH = {1: _BYTES, 5: _BYTES, 11: _BYTES, 12: _BYTES, 15: _BYTES}
-_NODE = {4: _BYTES}
+_NODE = {4: _BYTES, 5: _BYTES}
+_ATTRIBUTE = {5: _BYTES, 6: _BYTES, 10: _BYTES, 11: _BYTES, 22: _BYTES, 23: _BYTES}
+_FUNCTION = {7: _BYTES}
+_TRAINING_INFO = {1: _BYTES, 2: _BYTES}
 _TENSOR = {1: _INTS, 8: _BYTES, 13: _BYTES, 14: _VARINT}
 _SPARSE_TENSOR = {1: _BYTES, 2: _BYTES, 3: _INTS}
 _VALUE_INFO = {1: _BYTES, 2: _BYTES}
@@ -61,7 +70,7 @@ _DIMENSION = {1: _VARINT, 2: _BYTES}
 class ModelRejected(Exception):
     """The upload is not an acceptable model; ``code`` is machine-readable.
 
-    Codes: not_a_model, unsupported_model, model_too_complex,
+    Codes: not_a_model, unsupported_model, unsafe_pickle, model_too_complex,
     external_data_not_allowed, corrupt_model.
     """
 
@@ -254,6 +263,13 @@ class _OnnxScan:
                 self.graph(value)
             elif number == 8:
                 self.opset(value)
+            elif number == 20:  # training_info: initialization and algorithm graphs
+                for inner, _, inner_value in wire.fields(value, _TRAINING_INFO):
+                    self.subgraph(inner_value, 1)
+            elif number == 25:  # functions: only their nodes' attributes hold tensors
+                for inner, _, inner_value in wire.fields(value, _FUNCTION):
+                    if inner == 7:
+                        self.node(inner_value, 1)
 
     def opset(self, end: int) -> None:
         domain, version = "", 0
@@ -283,21 +299,53 @@ class _OnnxScan:
             elif number == 15:
                 self.sparse_initializer(value)
 
-    def node(self, end: int) -> None:
-        self.node_count += 1
-        if self.node_count > self.max_nodes:
-            raise _too_complex(
-                f"The model has more than {self.max_nodes} nodes.", max_nodes=self.max_nodes
-            )
+    def node(self, end: int, depth: int = 0) -> None:
+        """A node of the main graph (depth 0: counted and reported), or of a subgraph or function (only its
+        attributes' tensors are checked)."""
+        if depth == 0:
+            self.node_count += 1
+            if self.node_count > self.max_nodes:
+                raise _too_complex(
+                    f"The model has more than {self.max_nodes} nodes.", max_nodes=self.max_nodes
+                )
         for number, _, value in self.wire.fields(end, _NODE):
-            if number == 4 and len(self.op_types) < _MAX_OP_TYPES:
+            if number == 4 and depth == 0 and len(self.op_types) < _MAX_OP_TYPES:
                 self.op_types.add(self.wire.string(value))
+            elif number == 5:
+                self.attribute(value, depth)
+
+    def attribute(self, end: int, depth: int) -> None:
+        """Tensors in a node attribute (a Constant's value, a subgraph's initializers) are checked like
+        initializers: no external data, bounded sizes."""
+        for number, _, value in self.wire.fields(end, _ATTRIBUTE):
+            if number in (5, 10):  # t, tensors
+                self.tensor(value)
+            elif number in (22, 23):  # sparse_tensor, sparse_tensors
+                self.sparse_tensor(value)
+            elif number in (6, 11):  # g, graphs
+                self.subgraph(value, depth + 1)
+
+    def subgraph(self, end: int, depth: int) -> None:
+        if depth > _MAX_SUBGRAPH_DEPTH:
+            raise _too_complex(f"The model nests subgraphs more than {_MAX_SUBGRAPH_DEPTH} deep.")
+        for number, _, value in self.wire.fields(end, _GRAPH):
+            if number == 1:
+                self.node(value, depth)
+            elif number == 5:
+                self.tensor(value)
+            elif number == 15:
+                self.sparse_tensor(value)
 
     def initializer(self, end: int) -> None:
         name, numel = self.tensor(end)
         self.add_initializer(name, numel)
 
     def sparse_initializer(self, end: int) -> None:
+        name, stored = self.sparse_tensor(end)
+        self.add_initializer(name, stored)
+
+    def sparse_tensor(self, end: int) -> tuple[str, int]:
+        """Name and stored element count of a SparseTensorProto, checked like a tensor."""
         name, stored, dims = "", 0, []
         for number, wire_type, value in self.wire.fields(end, _SPARSE_TENSOR):
             if number == 1:
@@ -307,7 +355,7 @@ class _OnnxScan:
             elif number == 3:
                 self.read_dims(wire_type, value, dims)
         self.numel(name, dims)
-        self.add_initializer(name, stored)
+        return name, stored
 
     def add_initializer(self, name: str, numel: int) -> None:
         self.initializer_count += 1
@@ -351,7 +399,7 @@ class _OnnxScan:
             numel *= dim
             if numel > self.max_tensor_elements:
                 raise _too_complex(
-                    f"Tensor {name!r} has more than {self.max_tensor_elements} elements.",
+                    f"Tensor {name!r} is too large: more than {self.max_tensor_elements} elements.",
                     tensor=name,
                 )
         return numel
@@ -439,7 +487,9 @@ def _inspect_onnx(
 
 # --------------------------------------------------------------------------- TorchScript
 
-_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError)
+_ZIP_ERRORS = (
+    zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError, NotImplementedError,
+)
 
 
 def _inspect_zip(f, max_tensor_elements: int) -> ModelInfo:
@@ -481,6 +531,7 @@ def _inspect_archive(archive: zipfile.ZipFile, max_tensor_elements: int) -> Mode
     )
     if not roots:
         raise ModelRejected("not_a_model", _NOT_A_MODEL_MESSAGE)
+    _check_expansion(members)
     root = roots[0]
     has_code = any(name.startswith(f"{root}/code/") for name in members)
     if not has_code and f"{root}/constants.pkl" not in members:
@@ -490,13 +541,10 @@ def _inspect_archive(archive: zipfile.ZipFile, max_tensor_elements: int) -> Mode
     for pickle_name in ("data.pkl", "constants.pkl"):
         info = members.get(f"{root}/{pickle_name}")
         numels = _read_storage_numels(archive, info) if info else {}
-        if numels is None:
-            params = None
-            break
         for key, numel in numels.items():
             if numel > max_tensor_elements:
                 raise _too_complex(
-                    f"Stored tensor {key!r} has more than {max_tensor_elements} elements.",
+                    f"Stored tensor {key!r} is too large: more than {max_tensor_elements} elements.",
                     tensor=key,
                 )
         params += sum(numels.values())
@@ -514,18 +562,81 @@ def _inspect_archive(archive: zipfile.ZipFile, max_tensor_elements: int) -> Mode
     )
 
 
-def _read_storage_numels(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> dict[str, int] | None:
-    """Storage numels of a pickle in the archive; None if it is too large or unparseable."""
+def _check_expansion(members: dict[str, zipfile.ZipInfo]) -> None:
+    """Refuse members that expand far beyond their compressed size: the worker's loader would inflate them."""
+    for name, info in members.items():
+        if info.file_size > _EXPANSION_FLOOR and info.file_size > _MAX_EXPANSION * max(info.compress_size, 1):
+            raise _too_complex(
+                f"Archive member {name!r} is too large for its compressed size: it expands from "
+                f"{info.compress_size} to {info.file_size} bytes (a zip bomb); torch.jit.save writes its "
+                "members uncompressed.",
+                member=name, compressed_bytes=info.compress_size, uncompressed_bytes=info.file_size,
+            )
+
+
+def _read_storage_numels(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> dict[str, int]:
+    """Storage numels of a pickle in the archive; ModelRejected if it is too large, unparseable or unsafe."""
     if info.file_size > _MAX_PICKLE_BYTES:
-        return None
+        raise _too_complex(
+            f"The pickle {info.filename!r} is too large: {info.file_size} bytes uncompressed "
+            f"(at most {_MAX_PICKLE_BYTES}).",
+            member=info.filename,
+        )
     with archive.open(info) as member:
         data = member.read(_MAX_PICKLE_BYTES + 1)  # bounded even if file_size lies
     if len(data) > _MAX_PICKLE_BYTES:
-        return None
+        raise _too_complex(
+            f"The pickle {info.filename!r} is too large (over {_MAX_PICKLE_BYTES} bytes).", member=info.filename
+        )
     try:
-        return _storage_numels(data)
-    except (ValueError, IndexError):
-        return None
+        return _storage_numels(data, info.filename)
+    except (ValueError, IndexError, KeyError) as exc:
+        raise ModelRejected(
+            "corrupt_model",
+            f"The pickle {info.filename!r} in the archive is truncated or corrupt ({exc}).",
+            {"member": info.filename, "reason": str(exc)},
+        ) from None
+
+
+# The globals TorchScript's own (C++) unpickler understands: TorchScript classes (``__torch__.*``, compiled from
+# the archive's code/, never Python), storage types, quantization schemes, tensor rebuilders and container tags.
+# Anything else (``os system``, ``builtins eval``, ...) is there only to run code in a Python unpickler.
+_TORCH_GLOBALS = frozenset({
+    ("collections", "OrderedDict"),
+    ("builtins", "complex"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_qtensor"),
+    ("torch._utils", "_rebuild_sparse_tensor"),
+    ("torch.jit._pickle", "build_intlist"),
+    ("torch.jit._pickle", "build_tensorlist"),
+    ("torch.jit._pickle", "build_doublelist"),
+    ("torch.jit._pickle", "build_boollist"),
+    ("torch.jit._pickle", "build_tensor_from_id"),
+    ("torch.jit._pickle", "restore_type_tag"),
+    ("torch", "per_tensor_affine"),
+    ("torch", "per_channel_affine"),
+    ("torch", "per_tensor_symmetric"),
+    ("torch", "per_channel_symmetric"),
+    ("torch", "per_channel_affine_float_qparams"),
+})
+_STORAGE_CLASS = re.compile(r"^[A-Z][A-Za-z0-9]*Storage$")
+
+
+def _check_global(module: object, name: object, where: str) -> None:
+    if isinstance(module, str) and isinstance(name, str):
+        if module == "__torch__" or module.startswith("__torch__."):
+            return
+        if (module, name) in _TORCH_GLOBALS or (module == "torch" and _STORAGE_CLASS.match(name)):
+            return
+        shown = f"{module}.{name}"
+    else:
+        shown = "a global computed at load time"
+    raise ModelRejected(
+        "unsafe_pickle",
+        f"The pickle {where!r} references {shown[:200]!r}, which a TorchScript archive never contains; "
+        "pickled Python objects are not accepted because loading them can execute arbitrary code.",
+        {"member": where, "global": shown[:200]},
+    )
 
 
 _MEMO_PUT = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
@@ -533,13 +644,14 @@ _MEMO_GET = {"GET", "BINGET", "LONG_BINGET"}
 _TUPLES = {"EMPTY_TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "TUPLE"}
 
 
-def _storage_numels(data: bytes) -> dict[str, int]:
+def _storage_numels(data: bytes, where: str = "data.pkl") -> dict[str, int]:
     """Map storage key -> element count for the torch storages a pickle references.
 
     Simulates only the pickle stack, from the opcodes ``pickletools.genops`` decodes:
     strings, numbers, tuples and memo entries are tracked, every other object is a
     placeholder, and nothing is imported or called. Torch stores a tensor's storage as the
-    persistent id ``('storage', <storage class>, key, location, numel)``.
+    persistent id ``('storage', <storage class>, key, location, numel)``. Every global the
+    pickle names must be one TorchScript writes (``_check_global``), else ModelRejected.
     """
     stack: list = []
     marks: list[int] = []
@@ -558,6 +670,10 @@ def _storage_numels(data: bytes) -> dict[str, int]:
         if name in _MEMO_GET:
             stack.append(memo.get(arg))
             continue
+        if name in ("GLOBAL", "INST"):
+            _check_global(*(arg.split(" ", 1) if " " in arg else (arg, None)), where)
+        elif name.startswith("EXT"):  # the copyreg extension registry: a global by number
+            _check_global(None, None, where)
 
         before = opcode.stack_before
         popped: list = []
@@ -573,6 +689,8 @@ def _storage_numels(data: bytes) -> dict[str, int]:
             popped = stack[-below_mark:] + popped
             del stack[-below_mark:]
 
+        if name == "STACK_GLOBAL":
+            _check_global(*popped, where)
         if name in _TUPLES:
             result = tuple(popped)
         elif name == "BINPERSID":

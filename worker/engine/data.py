@@ -83,6 +83,9 @@ def load_dataset(path: Path, inputs: tuple[TensorSpec, ...]) -> Dataset:
             if not isinstance(npz, np.lib.npyio.NpzFile):
                 raise EngineError("invalid_dataset", "the dataset must be an .npz archive")
             arrays = {key: npz[key] for key in npz.files}
+            raw = sorted(key for key, value in arrays.items() if not isinstance(value, np.ndarray))
+            if raw:  # NpzFile hands back the bytes of a member that is not an .npy array (e.g. a bare pickle)
+                raise EngineError("invalid_dataset", f"the .npz members {raw} are not .npy arrays")
     except EngineError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
