@@ -27,8 +27,8 @@ from pydantic import BaseModel
 from app.artifacts.schemas import ArtifactOut
 from app.client._http import (CHUNK, ProgressFn, Retry, RetryPolicy, Transport, multipart_upload,
                               new_idempotency_key, part_path, raise_for_error)
-from app.client.errors import (ConnectionFailed, DistilleryError, DownloadError, JobFailed, ServiceUnavailable,
-                               WaitTimeout)
+from app.client.errors import (Conflict, ConnectionFailed, DistilleryError, DownloadError, JobFailed,
+                               ServiceUnavailable, WaitTimeout)
 from app.client.progress import ProgressBar
 from app.client.report import format_report
 from app.core.schemas import Page
@@ -306,9 +306,20 @@ class Client:
         return Job(self, JobOut.model_validate(data))
 
     def cancel_job(self, job_id: str) -> Job:
-        """POST /v1/jobs/{id}/cancel: a queued job at once, a running one within seconds (409 once finished)."""
-        data = self._t.json("POST", f"/v1/jobs/{_check_id(job_id)}/cancel", retry=Retry.SAFE)
-        return Job(self, JobOut.model_validate(data))
+        """POST /v1/jobs/{id}/cancel: a queued job at once, a running one within seconds (a running job comes back
+        `running` with stage `cancelling`). Idempotent: a job already cancelled is returned as it is now; a job that
+        succeeded or failed is a Conflict (`invalid_transition`)."""
+        for attempt in range(4):
+            try:
+                data = self._t.json("POST", f"/v1/jobs/{_check_id(job_id)}/cancel", retry=Retry.SAFE)
+                return Job(self, JobOut.model_validate(data))
+            except Conflict as exc:
+                if exc.code == "retry" and attempt < 3:  # it changed state while the API cancelled it
+                    continue
+                if exc.code == "invalid_transition" and (exc.detail or {}).get("status") == "cancelled":
+                    return self.get_job(job_id)
+                raise
+        raise AssertionError("unreachable")
 
     def job_events(self, job_id: str, last_event_id: int | None = None, *,
                    timeout: float | None = None) -> Iterator[JobEventOut]:

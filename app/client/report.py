@@ -24,7 +24,9 @@ def _ms(x: float | None) -> str:
 
 
 def _ratio(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}x"
+    if x is None:
+        return "-"
+    return f"{x:.2f}x" if x >= 0.1 else f"{x:.2g}x"
 
 
 def _float(x: float | None, digits: int = 4) -> str:
@@ -83,6 +85,10 @@ def format_report(metrics: dict[str, Any] | None) -> str:
         lines.append("note: the result is SLOWER than the baseline at some batch size (see 'change')")
     if metrics.get("within_accuracy_budget") is False:
         lines.append(f"note: the accuracy drop exceeds the budget ({metrics.get('max_accuracy_drop')})")
+    comparison = (metrics.get("method") or {}).get("comparison") or {}
+    if comparison.get("kd") is not None and comparison.get("labels_only") is not None:
+        lines.append(f"distilled student {_pct(comparison['kd'])} vs the same student trained on labels alone "
+                     f"{_pct(comparison['labels_only'])} ({comparison.get('split', 'test')} accuracy)")
     if metrics.get("baseline_same_runtime"):
         fmt = metrics["baseline_same_runtime"].get("format", "the result's runtime")
         lines.append(f"note: speedups compare with the upload converted to {fmt} (like with like)")

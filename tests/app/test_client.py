@@ -209,17 +209,23 @@ def test_errors_carry_the_api_code(server, files):
 
         # the same Idempotency-Key gives the same job; with another body it is a 409
         model = client.upload_model(files["model"], name="idem")
-        first = client.quantize(model, method="dynamic_int8", benchmark=QUICK, idempotency_key="k-1")
-        again = client.quantize(model.id, method="dynamic_int8", benchmark=QUICK, idempotency_key="k-1")
+        slow = {"batch_sizes": [1, 256], "repeats": 1000, "warmup": 1}  # runs long enough to be cancelled
+        first = client.quantize(model, method="dynamic_int8", benchmark=slow, idempotency_key="k-1")
+        again = client.quantize(model.id, method="dynamic_int8", benchmark=slow, idempotency_key="k-1")
         assert again.id == first.id
         with pytest.raises(Conflict) as e:
             client.quantize(model, method="fp16", idempotency_key="k-1")
         assert e.value.code == "idempotency_key_reused"
-        cancelled = first.cancel()
-        assert cancelled.status in ("cancelled", "running")
+
+        # cancel: a queued job at once (the one worker is busy with `first`), a running one within seconds
+        next(e for e in first.events(timeout=120) if e.status == "running" and e.progress > 0)
+        queued = client.quantize(model, method="fp16", benchmark=QUICK)
+        assert queued.cancel().status == "cancelled" and queued.error.code == "cancelled"
+        assert queued.cancel().status == "cancelled"  # idempotent
+        assert first.cancel().status in ("running", "cancelled")
         with pytest.raises(JobFailed) as e:
             first.wait(timeout=120)
-        assert e.value.job.status == "cancelled"
+        assert e.value.job.status == "cancelled" and e.value.code == "cancelled"
 
     with pytest.raises(Unauthorized) as e:
         Client(server.url, "dk_0000000000000000_wrong").list_models()

@@ -152,6 +152,12 @@ def test_resource_commands(server, files, tmp_path):
     art = as_json(ok("artifacts", "show", done["artifact_id"], "--json"))
     got = as_json(ok("artifacts", "download", art["id"], "-o", "a.onnx", "--json"))
     assert got["size_bytes"] == art["size_bytes"] == (tmp_path / "a.onnx").stat().st_size
+    # an artifact as the next job's input: artifact:ID
+    chained = as_json(ok("jobs", "submit", "--kind", "quantize", "--model", f"artifact:{art['id']}", "--config",
+                         config, "--label", "step=2", "--json"))
+    assert chained["model_id"] != model["id"] and chained["labels"] == {"step": "2"}
+    assert as_json(ok("models", "show", chained["model_id"], "--json"))["source_artifact_id"] == art["id"]
+    assert as_json(ok("jobs", "wait", chained["id"], "--json", "--timeout", "240"))["status"] == "succeeded"
     caps = as_json(ok("capabilities", "--json"))
     assert any(c["kind"] == "quantize" and c["method"] == "dynamic_int8" for c in caps["methods"])
 
