@@ -178,6 +178,13 @@ def test_prune_then_quantize_from_the_artifact(server, files):
         quantized.wait(timeout=240)
         lineage = client.artifact_lineage(quantized.artifact_id)
         assert [s.job.id for s in lineage.steps] == [quantized.id, pruned.id] and lineage.complete
+        # the same link made explicitly, and labels changed after the fact (a merge patch: None removes a key)
+        named = client.model_from_artifact(pruned.artifact_id, name="pruned", labels={"stage": "pruned"})
+        assert named.source_artifact_id == pruned.artifact_id and named.labels == {"stage": "pruned"}
+        assert client.set_model_labels(named.id, {"stage": None, "team": "a"}).labels == {"team": "a"}
+        assert [m.id for m in client.list_models(labels={"team": "a"}).items] == [named.id]
+        assert pruned.set_labels({"recipe": "prune-quantize"}).labels == {"recipe": "prune-quantize"}
+        assert [j.id for j in client.iter_jobs(labels=["recipe:prune-quantize"])] == [pruned.id]
 
 
 def test_errors_carry_the_api_code(server, files):
