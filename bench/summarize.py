@@ -100,8 +100,73 @@ def dispatch(d: dict) -> None:
     print()
 
 
+def load_md(d: dict) -> str:
+    """The Load section's figures (bench/load.py writes them into docs/benchmarks.md between its markers)."""
+    s, rq, v, j, dr = d["setup"], d["requests"], d["verdict"], d["jobs"], d["drain"]
+    q, b = d.get("machine_quiet_check", {}), d["burst"]
+    lines = [f"`{d['command']}` -- {machine(d)}", ""]
+    if q and not q.get("quiet", True):
+        lines += [f"**The machine was not quiet** (other processes used {q['busy_cores_before_start']} of its cores "
+                  "before the start): the latencies below measure that contention more than the service; rerun on an "
+                  "idle machine.", ""]
+    lines += [
+             f"{s['pollers']} pollers (every {s['poll_interval_s']} s, {s['duration_s']:.0f} s), {s['uploads']} uploads "
+             f"of {s['upload_mb']} MB and {s['jobs']} job submissions at once; `distillery api --workers 2`, "
+             f"{len(s['workers'])} workers. Other processes' CPU just before: {q.get('busy_cores_before_start', '?')} "
+             f"cores; during the burst the machine used {b['machine_busy_cores']} cores (the API processes "
+             f"{b.get('api_processes_cores', '?')}, {b.get('api_cpu_ms_per_request', '?')} ms of CPU per request; "
+             f"the workers without their job processes {b.get('worker_processes_cores_without_job_processes', '?')}), "
+             f"the client "
+             f"{b['client_cpu_cores']} (its event loop woke up late by p99 "
+             f"{b.get('client_loop_lag_ms', {}).get('p99_ms', '?')} ms: that delay is inside every latency below).", ""]
+    rows = []
+    for kind, label in (("poll", "status poll `GET /v1/jobs/{id}`"), ("submit", "submit `POST /v1/jobs`"),
+                        ("upload", "upload `POST /v1/models`")):
+        x = rq[kind]
+        rows.append([label, x.get("n", 0), x.get("p50_ms", ""), x.get("p95_ms", ""), x.get("p99_ms", ""),
+                     x.get("max_ms", ""), ", ".join(f"{k}: {n}" for k, n in x["status_codes"].items())])
+    p = rq["poll"]
+    for phase in ("during_burst", "after_burst"):
+        x = p.get(phase, {})
+        if x.get("n"):
+            rows.append([f"status poll, {phase.replace('_', ' ')}", x["n"], x["p50_ms"], x["p95_ms"], x["p99_ms"],
+                         x["max_ms"], ""])
+    lines.append(md(rows, ["requests", "n", "p50 ms", "p95 ms", "p99 ms", "max ms", "status codes"]))
+    lost = len(j["lost"]) + len(j["unexpected_rows"]) + len(j["duplicate_ids"]) + len(j["duplicate_idempotency_keys"])
+    twice = len(set(j["claimed_more_than_once_by_events"]) | set(j["claimed_more_than_once_by_worker_logs"])
+                | set(j["terminal_with_attempts_not_1"]))
+    lines += ["", md([
+        ["5xx responses (all requests)", rq["http_5xx"], "0", "PASS" if v["no_5xx"] else "FAIL"],
+        ["transport errors (connect, read, timeouts)", rq["transport_errors"], "0",
+         "PASS" if v["transport_errors"] == 0 else "FAIL"],
+        ["status poll p99", f"{v['poll_p99_ms']} ms", f"< {v['p99_target_ms']:.0f} ms",
+         "PASS" if v["p99_pass"] else "FAIL"],
+        ["jobs accepted (202) / rows in the database", f"{j['accepted_202']} / {j['rows_of_owner'] - j['warmup_jobs']}",
+         f"{s['jobs']} / {s['jobs']}", ""],
+        ["lost, unexpected or duplicated jobs", lost, "0", ""],
+        ["jobs claimed more than once (attempts, events, worker logs)", twice, "0",
+         "PASS" if v["jobs_exactly_once"] else "FAIL"],
+        ["jobs terminal after the drain", f"{j['accepted_202'] - len(j['not_terminal'])} of {j['accepted_202']} "
+         f"({', '.join(f'{k} {n}' for k, n in j['outcomes'].items())})", "all", "PASS" if v["all_jobs_terminal"]
+         else "not all (see JSON)"],
+        ["uploads stored with the client's sha256", f"{d['uploads']['sha256_ok']} of {s['uploads']}",
+         f"{s['uploads']}", "PASS" if v["uploads_ok"] else "FAIL"],
+    ], ["check", "result", "target", ""])]
+    lines += ["", f"Throughput: {p.get('throughput_rps')} status polls/s ({rq['all_requests_rps']} requests/s in "
+                  f"all) over {b['wall_s']} s; submissions and uploads all answered {b['submissions_and_uploads_done_s']} s "
+                  f"after the start; uploads {d['uploads']['mb_per_s_aggregate']} MB/s together; the jobs ran "
+                  f"{dr.get('jobs_per_minute')} per minute ({dr.get('first_start_to_last_finish_s')} s from the first "
+                  f"start to the last finish). Overall: **{'PASS' if v['pass'] else 'FAIL'}**."]
+    return "\n".join(lines)
+
+
+def load_bench(d: dict) -> None:
+    print("### load\n")
+    print(load_md(d) + "\n")
+
+
 def main() -> int:
-    for name, fn in (("polling", polling), ("upload", upload), ("dispatch", dispatch)):
+    for name, fn in (("polling", polling), ("upload", upload), ("dispatch", dispatch), ("load", load_bench)):
         d = load(name)
         if d:
             fn(d)
