@@ -15,7 +15,7 @@ from app.webhooks import outbox
 
 
 def get(session: Session, job_id: str, owner: str | None = None) -> JobRow | None:
-    stmt = select(JobRow).where(JobRow.id == job_id)
+    stmt = select(JobRow).where(JobRow.id == job_id).execution_options(populate_existing=True)  # never a stale row
     if owner is not None:
         stmt = stmt.where(JobRow.owner == owner)
     return session.scalars(stmt).one_or_none()
@@ -68,6 +68,8 @@ def transition(session: Session, job_id: str, *, to: JobStatus | None = None, wh
     values["updated_at"] = now
     row = session.execute(
         update(JobRow).where(and_(*conds)).values(**values)
+        # No in-Python evaluation of the WHERE against loaded rows: a row that lost the race must keep its state.
+        .execution_options(synchronize_session=False)
         .returning(JobRow.event_seq, JobRow.status, JobRow.progress, JobRow.stage, JobRow.callback_url)
     ).one_or_none()
     if row is None:
