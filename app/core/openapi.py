@@ -11,6 +11,7 @@ wired is added here, from its dependencies, to every operation in the spec (rout
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -100,9 +101,9 @@ def declare_common_errors(app: FastAPI, spec: dict[str, Any]) -> dict[str, Any]:
         defs = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(defs.pop("$defs", {}))
         schemas["ErrorResponse"] = defs
-    if '"#/components/schemas/HTTPValidationError"' not in _dumps(spec):
+    if '"#/components/schemas/HTTPValidationError"' not in json.dumps(spec):
         schemas.pop("HTTPValidationError", None)
-        if '"#/components/schemas/ValidationError"' not in _dumps(spec):
+        if '"#/components/schemas/ValidationError"' not in json.dumps(spec):
             schemas.pop("ValidationError", None)
     if authed:
         components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = {
@@ -110,12 +111,6 @@ def declare_common_errors(app: FastAPI, spec: dict[str, Any]) -> dict[str, Any]:
             "description": "An API key from `distillery keys create --owner NAME`. `distillery serve` on "
                            "127.0.0.1 runs open (DISTILLERY_AUTH=open): keyless requests act as the default owner."}
     return spec
-
-
-def _dumps(spec: dict) -> str:
-    import json
-
-    return json.dumps(spec)
 
 
 def install_openapi(app: FastAPI) -> None:

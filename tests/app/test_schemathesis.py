@@ -109,3 +109,19 @@ def test_real_resources_conform_to_the_spec(settings):
             response = client.get(path)
             assert response.json()["items"], path
             schema[path]["GET"].Case().validate_response(response, checks=CHECKS)
+
+
+def test_spec_declares_the_common_errors():
+    """What the fuzzing relies on, stated directly: auth, validation and database errors are declared per route."""
+    spec = create_app(Settings(data_dir=Path(tempfile.gettempdir()) / "distillery-spec-only")).openapi()
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    jobs = spec["paths"]["/v1/jobs"]["post"]
+    for code in ("400", "401", "404", "422", "429", "503"):
+        assert jobs["responses"][code]["content"]["application/json"]["schema"] == error, code
+    assert jobs["security"] == [{"bearerAuth": []}]
+    assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    assert "HTTPValidationError" not in str(spec)  # FastAPI's default 422 body is not what the app answers
+    health = spec["paths"]["/healthz"]["get"]
+    assert set(health["responses"]) == {"200"} and "security" not in health  # no key, no database
+    ready = spec["paths"]["/readyz"]["get"]["responses"]["503"]
+    assert ready["content"]["application/json"]["schema"] == error
