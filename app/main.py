@@ -15,9 +15,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.core.config import Settings, get_settings
 from app.core.deps import Services
 from app.core.errors import DistilleryError, error_body
-from app.core.uploads import sweep_temp_files
-from app.core.logs import RequestIdMiddleware
 from app.core.openapi import install_openapi
+from app.core.bodylimit import JSON_BODY_LIMIT, BodyLimitMiddleware, BodyTooLarge
+from app.core.logs import RequestIdMiddleware
+from app.core.uploads import sweep_temp_files
 
 log = logging.getLogger("distillery.api")
 
@@ -73,6 +74,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException):
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else code
+        if isinstance(exc.__cause__, BodyTooLarge):
+            return JSONResponse(error_body("payload_too_large", exc.__cause__.message, {"limit": JSON_BODY_LIMIT}),
+                                status_code=413)
         if exc.status_code == 400 and exc.detail == _FASTAPI_BODY_ERROR and exc.__cause__ is not None:
             message = f"the request body cannot be read as JSON: {_body_parse_reason(exc.__cause__)}"
         return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
@@ -124,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "on a worker, download the measured, compressed artifact.")
     install_error_handlers(app)
     install_openapi(app)  # the errors every route may answer (401, 422, 429, 503...), declared in the spec
+    app.add_middleware(BodyLimitMiddleware)  # JSON bodies (not uploads) are at most JSON_BODY_LIMIT bytes
     app.add_middleware(RequestIdMiddleware)  # X-Request-ID, and request_id on the request's log lines
     for router in (models_router, datasets_router, jobs_router, artifacts_router, workers_router):
         app.include_router(router, prefix="/v1")

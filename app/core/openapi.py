@@ -2,7 +2,7 @@
 
 Routes declare their own domain errors with `responses=error_responses(...)`. What follows from how a route is
 wired is added here, from its dependencies, to every operation in the spec (routes added later included):
-  - a JSON body: 400 (the body could not be read as text);
+  - a JSON body: 400 (the body could not be read as text) and 413 (over app/core/bodylimit.py's limit);
   - parameters or a body: 422, with the error schema this app really answers with (FastAPI's default says
     `HTTPValidationError`, which the validation handler in `app/main.py` never returns);
   - the caller's principal (`PrincipalDep`): 401 (no key, a bad or revoked key) and 429 (the per-owner rate limit),
@@ -24,6 +24,7 @@ ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 SECURITY_SCHEME = "bearerAuth"
 _COMMON = {
     400: "bad_request: the request body could not be read",
+    413: "payload_too_large: a JSON body over 1 MiB (`detail.limit`)",
     401: "unauthorized: no API key, or an invalid or revoked one (`Authorization: Bearer <key>`)",
     422: "validation_error: a parameter or the body is invalid (`detail.errors` lists each field)",
     429: "rate_limited: the owner is over `DISTILLERY_RATE_LIMIT_PER_MINUTE` (`detail.retry_after_s`)",
@@ -57,7 +58,7 @@ def common_errors(route: APIRoute) -> list[int]:
     calls = set(_calls(route.dependant))
     codes = []
     if route.body_field is not None:
-        codes.append(400)
+        codes += [400, 413]
     if current_principal in calls:
         codes += [401, 429]
     if get_services in calls:
