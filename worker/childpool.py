@@ -8,6 +8,9 @@ then a new spare is started once that job is over (not during it, so it never co
 The spare imports torch but never touches CUDA until it has its spec. It is started from a long-lived thread (the
 worker's main thread or a pool thread), because the kernel kills it when the thread that started it exits
 (PR_SET_PDEATHSIG), which is also what happens to it when the worker dies.
+
+Job processes run at a lower CPU priority (`job_nice`): when workers share a machine with the API (`distillery
+serve`, small deployments), a job's CPU-bound work yields to the API's requests instead of starving them.
 """
 from __future__ import annotations
 
@@ -46,8 +49,19 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def spawn(folder: Path) -> Child:
-    """Start a job process in `folder`; it imports the engine, then waits for its spec on stdin."""
+def _preexec(nice: int):
+    base = die_with_parent()
+
+    def run() -> None:
+        base()
+        if nice:
+            os.nice(nice)
+
+    return run
+
+
+def spawn(folder: Path, nice: int = 0) -> Child:
+    """Start a job process in `folder` at CPU priority `nice`; it imports the engine, then waits for its spec."""
     folder.mkdir(parents=True, exist_ok=True)
     read_fd, write_fd = os.pipe()
     log_path = folder / f"child-{uuid.uuid4().hex[:12]}.log"
@@ -55,7 +69,7 @@ def spawn(folder: Path) -> Child:
         with open(log_path, "wb") as child_log:
             proc = subprocess.Popen([sys.executable, "-m", "worker.runner", str(write_fd)], stdin=subprocess.PIPE,
                                     stdout=child_log, stderr=subprocess.STDOUT, pass_fds=(write_fd,), cwd=folder,
-                                    env=child_env(), preexec_fn=die_with_parent())
+                                    env=child_env(), preexec_fn=_preexec(nice))
     except BaseException:
         os.close(read_fd)
         raise
@@ -73,10 +87,10 @@ def discard(child: Child) -> None:
 
 
 class ChildPool:
-    """At most `size` spare job processes, kept in `folder`."""
+    """At most `size` spare job processes, kept in `folder`, started at CPU priority `nice`."""
 
-    def __init__(self, folder: Path, size: int):
-        self.folder, self.size = folder, size
+    def __init__(self, folder: Path, size: int, nice: int = 0):
+        self.folder, self.size, self.nice = folder, size, nice
         self._spares: list[Child] = []
         self._lock = threading.Lock()
 
@@ -86,7 +100,7 @@ class ChildPool:
             with self._lock:
                 child = self._spares.pop() if self._spares else None
             if child is None:
-                return spawn(work_dir)
+                return spawn(work_dir, self.nice)
             if child.proc.poll() is None:
                 moved = work_dir / child.log_path.name
                 os.replace(child.log_path, moved)
@@ -102,7 +116,7 @@ class ChildPool:
                 if len(self._spares) >= self.size:
                     return
             try:
-                child = spawn(self.folder)
+                child = spawn(self.folder, self.nice)
             except OSError as exc:
                 log.warning("could not start a spare job process: %s", exc)
                 return
@@ -120,14 +134,14 @@ _pool: ChildPool | None = None
 _pool_lock = threading.Lock()
 
 
-def get_pool(data_dir: Path, enabled: bool) -> ChildPool:
+def get_pool(data_dir: Path, enabled: bool, nice: int = 0) -> ChildPool:
     """This process's pool, in `<data dir>/prestart/<pid>`; folders left by dead workers are removed."""
     global _pool
     with _pool_lock:
         if _pool is None:
             root = data_dir / "prestart"
             _sweep(root)
-            _pool = ChildPool(root / str(os.getpid()), 1 if enabled else 0)
+            _pool = ChildPool(root / str(os.getpid()), 1 if enabled else 0, nice)
         return _pool
 
 

@@ -186,7 +186,7 @@ def _supervise(rt: Runtime, job: JobRow, attempt: int, spec: dict) -> Outcome:
     work_dir.mkdir(parents=True)
     spec["work_dir"] = str(work_dir)
     spec["log"] = child_log_spec(settings.log_format, settings.log_level, job.id)
-    pool = childpool.get_pool(settings.data_dir, settings.job_prestart)
+    pool = childpool.get_pool(settings.data_dir, settings.job_prestart, settings.job_nice)
     child = pool.take(work_dir)
     proc, log_path = child.proc, child.log_path
     reports: queue.Queue = queue.Queue()

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     job_prestart: bool = Field(True, description="Keep one job process started ahead with the engine imported, so "
                                "a job does not wait 1-2 s for torch to import (costs that idle process's memory, "
                                "about 0.3 GB).")
+    job_nice: int = Field(10, ge=0, le=19, description="CPU niceness of job processes (0-19): a job's work yields to "
+                          "the API and the worker when they share a machine.")
     api_workers: int = Field(2, ge=1, description="uvicorn processes of `distillery api`.")
     auth: Literal["required", "open"] = Field("required", description="required: every /v1 request needs "
                                               "`Authorization: Bearer <key>`. open: requests without a key act as "
