@@ -50,12 +50,20 @@ def child_env() -> dict[str, str]:
 
 
 def _preexec(nice: int):
-    base = die_with_parent()
+    base = die_with_parent()  # also setsid(): the child leads a new session
 
     def run() -> None:
         base()
         if nice:
             os.nice(nice)
+            # With the kernel's autogroup scheduling (Linux's default on desktops and many servers) a new session
+            # gets its own scheduling group, and CPU is shared fairly between groups whatever their processes' nice
+            # values: the group itself must be niced too, or the job still takes as much CPU as the API.
+            try:
+                with open("/proc/self/autogroup", "w") as f:
+                    f.write(str(nice))
+            except OSError:
+                pass
 
     return run
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import psutil
 
@@ -14,6 +15,9 @@ def test_spare_is_taken_once_then_topped_up(tmp_path):
         pool.top_up()
         spare = pool._spares[0]
         assert psutil.Process(spare.proc.pid).nice() == 7  # job work yields to the API on a shared machine
+        autogroup = Path(f"/proc/{spare.proc.pid}/autogroup")
+        if autogroup.exists():  # its own session's scheduling group is niced too, else nice means little
+            assert autogroup.read_text().split()[-1] == "7"
         assert "DISTILLERY_DATABASE_URL" not in psutil.Process(spare.proc.pid).environ()
         work = tmp_path / "job"
         work.mkdir()
