@@ -8,11 +8,12 @@ from fastapi.responses import Response, StreamingResponse
 
 from app.artifacts import service
 from app.artifacts.schemas import ArtifactOut
-from app.artifacts.verify import ArtifactCorrupted, iter_file, open_verified
+from app.artifacts.verify import ArtifactCorrupted, open_verified
 from app.auth.deps import PrincipalDep
 from app.core.deps import ServicesDep, SessionDep
 from app.core.errors import NotFound, error_responses
 from app.core.ids import ID_PATTERN
+from app.core.storage import iter_file
 
 router = APIRouter(tags=["artifacts"])
 ArtifactId = Path(pattern=ID_PATTERN, description="An artifact id.")

@@ -18,13 +18,12 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
 from typing import BinaryIO
 
 from app.core.errors import DistilleryError
+from app.core.storage import CHUNK
 
 log = logging.getLogger("distillery.artifacts")
-CHUNK = 1024 * 1024
 CACHE_ENTRIES = 4096
 
 
@@ -113,18 +112,3 @@ def _corrupted(artifact_id: str, sha256: str, size_bytes: int, found: str) -> No
                             "is not served (the operator has been told in the server log; re-run the job to "
                             "produce it again)",
                             detail={"artifact_id": artifact_id, "sha256": sha256, "size_bytes": size_bytes})
-
-
-def iter_file(f: BinaryIO, start: int, end: int) -> Iterator[bytes]:
-    """Bytes start..end (inclusive) of an open file, closing it at the end (or when the client goes away)."""
-    try:
-        f.seek(start)
-        left = end - start + 1
-        while left > 0:
-            chunk = f.read(min(CHUNK, left))
-            if not chunk:
-                break
-            left -= len(chunk)
-            yield chunk
-    finally:
-        f.close()

@@ -132,15 +132,7 @@ class LocalStorage:
 
     def iter_range(self, sha256: str, start: int, end: int) -> Iterator[bytes]:
         """Yield bytes start..end inclusive."""
-        with self.open(sha256) as f:
-            f.seek(start)
-            left = end - start + 1
-            while left > 0:
-                chunk = f.read(min(CHUNK, left))
-                if not chunk:
-                    break
-                left -= len(chunk)
-                yield chunk
+        return iter_file(self.open(sha256), start, end)
 
     def check(self) -> None:
         """Raise StorageUnavailable unless the store's folder is there."""
@@ -170,11 +162,26 @@ def _clean_folder(folder: Path, older_than_s: float) -> int:
 
 # ------------------------------------------------------------------------------------ ranged readers
 
-class _FileWindow(io.RawIOBase):
-    """Bytes offset..offset+length-1 of an open local file, seekable, positions relative to the window."""
+def iter_file(f: BinaryIO, start: int, end: int) -> Iterator[bytes]:
+    """Bytes start..end (inclusive) of an open file, closing it at the end (or when the reader goes away)."""
+    try:
+        f.seek(start)
+        left = end - start + 1
+        while left > 0:
+            chunk = f.read(min(CHUNK, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+            yield chunk
+    finally:
+        f.close()
 
-    def __init__(self, f: BinaryIO, offset: int, length: int):
-        self._f, self._offset, self._length, self._pos = f, offset, max(0, length), 0
+
+class _Window(io.RawIOBase):
+    """A seekable, readable window of `_length` bytes; subclasses read at `_pos`."""
+
+    _pos: int
+    _length: int
 
     def readable(self) -> bool:
         return True
@@ -191,6 +198,13 @@ class _FileWindow(io.RawIOBase):
             raise ValueError("negative seek position")
         self._pos = base + pos
         return self._pos
+
+
+class _FileWindow(_Window):
+    """Bytes offset..offset+length-1 of an open local file, seekable, positions relative to the window."""
+
+    def __init__(self, f: BinaryIO, offset: int, length: int):
+        self._f, self._offset, self._length, self._pos = f, offset, max(0, length), 0
 
     def readinto(self, buffer) -> int:
         left = self._length - self._pos
@@ -208,7 +222,7 @@ class _FileWindow(io.RawIOBase):
         super().close()
 
 
-class _S3Window(io.RawIOBase):
+class _S3Window(_Window):
     """Bytes offset..offset+length-1 of an S3 object, seekable. Reading streams one ranged GetObject from the current
     position to the end of the window; a seek elsewhere closes that stream and the next read opens another."""
 
@@ -217,22 +231,6 @@ class _S3Window(io.RawIOBase):
         self._pos = 0
         self._body = None
         self._body_pos = -1
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
-        if base + pos < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + pos
-        return self._pos
 
     def _drop_body(self) -> None:
         if self._body is not None:
