@@ -14,6 +14,7 @@ import logging
 import logging.config
 import os
 import secrets
+import sys
 import time
 from contextvars import ContextVar
 from datetime import datetime, timezone
@@ -97,6 +98,22 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it was at configuration time (Celery later replaces sys.stderr with a proxy that logs
+    what is written to it), or to the current sys.stderr once that stream was closed (a test runner's capture)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr if getattr(self._stream, "closed", False) else self._stream
+
+    @stream.setter
+    def stream(self, value) -> None:
+        self._stream = value
+
+
 def logging_config(log_format: str, level: str) -> dict[str, Any]:
     """A dictConfig: the root logger writes to stderr in `log_format`; uvicorn's and Celery's loggers go through
     it. Also handed to uvicorn (log_config=), so its worker processes log the same way."""
@@ -106,7 +123,7 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
         "filters": {"context": {"()": "app.core.logs.ContextFilter"}},
         "formatters": {"json": {"()": "app.core.logs.JsonFormatter"},
                        "text": {"()": "app.core.logs.TextFormatter"}},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
+        "handlers": {"stderr": {"()": "app.core.logs.StderrHandler",
                                 "formatter": "json" if log_format == "json" else "text", "filters": ["context"]}},
         "loggers": {name: {"handlers": [], "propagate": True, "level": level.upper()}
                     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery")},

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import httpx
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.core.config import Settings
 from app.core.db import Database, utcnow
@@ -129,5 +130,7 @@ class WebhookDeliverer:
             try:
                 while deliver_due(self.db, self.settings) >= BATCH and not self._stop.is_set():
                     pass  # a backlog: keep going without waiting
-            except Exception:  # noqa: BLE001 - keep delivering through database outages
+            except (OperationalError, InterfaceError) as exc:  # the database is unreachable: try again next round
+                log.warning("webhook delivery round skipped, database unavailable: %s", exc.orig)
+            except Exception:  # noqa: BLE001 - keep delivering whatever one round hit
                 log.exception("webhook delivery round failed")

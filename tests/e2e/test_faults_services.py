@@ -263,17 +263,23 @@ def test_worker_keeps_a_result_finished_while_postgres_is_cut(tmp_path, pg_url, 
     through_proxy = direct.model_copy(update={"database_url": pg_proxy.url_for(direct.database_url)})
     objects = direct.storage_dir / "objects"
     with TestClient(create_app(direct)) as api:  # the API (the test's eyes) reaches PostgreSQL directly
-        start_worker(through_proxy, "w@test")
+        worker = start_worker(through_proxy, "w@test")
         model = upload_model(api, mlp_onnx_bytes(hidden=1024)).json()
+        before = {p for p in objects.glob("*/*")}  # the uploaded model's file only
         resp = api.post("/v1/jobs", json={"kind": "quantize", "model_id": model["id"], "config": MEASURED})
         assert resp.status_code == 202, resp.text
         job_id = resp.json()["id"]
-        wait_for(api, job_id, lambda ev: ev["status"] == "running" and ev["progress"] > 0.2)
-        before = {p for p in objects.glob("*/*")}
+        # the longest stage: timing both models at batch 256, several seconds before the artifact is stored
+        wait_for(api, job_id, lambda ev: ev["status"] == "running" and "at batch 256" in (ev.get("stage") or ""))
 
         pg_proxy.cut()
+        assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "running", "the job ended before the cut"
         # the job's process finishes during the outage: the worker stores the artifact, then cannot record it
-        stored = poll(lambda: {p for p in objects.glob("*/*")} - before, 180, "the artifact to be stored")
+        try:
+            stored = poll(lambda: {p for p in objects.glob("*/*")} - before, 180, "the artifact to be stored")
+        except TimeoutError:
+            pytest.fail(f"no artifact stored; job {api.get(f'/v1/jobs/{job_id}').json()}\n"
+                        f"worker log:\n{worker.log.read_text(errors='replace')[-6000:]}")
         refused = pg_proxy.refused
         poll(lambda: pg_proxy.refused >= refused + 3, 60, "the worker to keep trying the database")
         assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "running"  # nothing recorded yet
