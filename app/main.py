@@ -1,6 +1,7 @@
 """create_app(): routers, error handlers, lifespan."""
 from __future__ import annotations
 
+import gc
 import logging
 from contextlib import asynccontextmanager
 
@@ -112,8 +113,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         services.storage.clean_temp(older_than_s=3600)
         await services.open()
         app.state.services = services
-        yield
-        await services.close()
+        # What start-up made lives as long as the app: move it out of the collector's reach, so that a full
+        # collection (triggered by request garbage) scans only newer objects instead of stalling every request on
+        # this process's event loop for ~100-250 ms (measured here: the p99 of status polls fell from 260-330 ms to
+        # 166 ms under bench/load.py). Handed back to the collector at shutdown (an app made and dropped in a longer
+        # process, as in tests, leaves nothing uncollectable behind).
+        gc.collect()
+        gc.freeze()
+        try:
+            yield
+        finally:
+            await services.close()
+            gc.unfreeze()
 
     from app.artifacts.endpoints import router as artifacts_router
     from app.dashboard.endpoints import router as dashboard_router

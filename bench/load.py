@@ -34,6 +34,8 @@ import collections
 import contextlib
 import hashlib
 import json
+import os
+import random
 import re
 import shutil
 import ssl
@@ -51,6 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import _common as c  # noqa: E402
 
 P99_TARGET_MS = 250.0
+# settings a run may vary from the environment (recorded in the results' setup.env)
+PASSED_THROUGH = ("DISTILLERY_JOB_NICE", "DISTILLERY_JOB_PRESTART")
 TERMINAL = {"succeeded", "failed", "cancelled"}
 REDIS_URL = "redis://127.0.0.1:6379/15"  # tests use dbs 1-14, the other benchmarks 9
 OWNER = "load"
@@ -128,6 +132,21 @@ def cpu_s(procs: list[psutil.Process]) -> dict[int, float]:
             out[p.pid] = t.user + t.system
         except psutil.Error:
             pass
+    return out
+
+
+def run_queue_wait_s(procs: list[psutil.Process]) -> dict[int, float]:
+    """Seconds each process's threads spent runnable but waiting for a CPU (Linux /proc/PID/task/*/schedstat)."""
+    out = {}
+    for p in procs:
+        total = 0.0
+        try:
+            for task in Path(f"/proc/{p.pid}/task").iterdir():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    total += int((task / "schedstat").read_text().split()[1]) / 1e9
+        except OSError:
+            continue
+        out[p.pid] = total
     return out
 
 
@@ -332,6 +351,7 @@ async def burst(base: str, headers: dict, model_id: str, uploads: list[bytes], a
 
     async def poll(i: int):
         j = i % n_jobs
+        rng = random.Random(i)
         try:
             await asyncio.wait_for(ready[j].wait(), timeout=max(0.0, end - time.perf_counter()))
         except asyncio.TimeoutError:
@@ -350,8 +370,8 @@ async def burst(base: str, headers: dict, model_id: str, uploads: list[bytes], a
                         if hist and hist[-1] in TERMINAL:  # a terminal job must stay terminal
                             regressions.append({"job": job_id, "after": hist[-1], "saw": st})
                         hist.append(st)
-                if args.poll_interval > 0:
-                    await asyncio.sleep(args.poll_interval)
+                if args.poll_interval > 0:  # a pause of interval x (1 +- jitter), uniform: mean interval
+                    await asyncio.sleep(args.poll_interval * rng.uniform(1 - args.poll_jitter, 1 + args.poll_jitter))
         finally:
             conn.close()
             reconnects.append(conn.reconnects)
@@ -478,8 +498,12 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=100)
     ap.add_argument("--duration", type=float, default=30.0, help="seconds the pollers poll, from the start")
     ap.add_argument("--poll-interval", type=float, default=0.25, help="pause after each poll (0: back to back)")
+    ap.add_argument("--poll-jitter", type=float, default=0.5,
+                    help="each pause is interval x uniform(1 - j, 1 + j), so that pollers do not stay in lockstep "
+                         "(0: fixed pauses)")
     ap.add_argument("--workers", type=int, default=2, help="Celery worker processes (concurrency 1 each)")
     ap.add_argument("--drain-timeout", type=float, default=600.0, help="seconds to wait for the jobs to end")
+    ap.add_argument("--dump-rows", help="write every request (kind, start s, latency ms, status, error) here")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite the Load section of docs/benchmarks.md")
     args = ap.parse_args()
     c.mark_start()
@@ -489,7 +513,8 @@ def main() -> int:
     tmp = c.temp_dir("load")
     env = c.clean_env(DISTILLERY_DATABASE_URL=url_sa, DISTILLERY_BROKER_URL=REDIS_URL,
                       DISTILLERY_DATA_DIR=str(tmp / "data"), DISTILLERY_RATE_LIMIT_PER_MINUTE=c.RATE_LIMIT_PER_MINUTE,
-                      DISTILLERY_MAX_CONCURRENT_JOBS_PER_OWNER=str(args.jobs + 10))
+                      DISTILLERY_MAX_CONCURRENT_JOBS_PER_OWNER=str(args.jobs + 10),
+                      **{k: v for k, v in os.environ.items() if k in PASSED_THROUGH})
     procs: list[c.Proc] = []
     try:
         create_db(db)
@@ -524,6 +549,7 @@ def main() -> int:
         quiet = c.wait_quiet()
         api_tree, worker_trees = tree(api.pid), [p for w in workers for p in tree(w.pid)]
         api_cpu0, workers_cpu0 = cpu_s(api_tree), cpu_s(worker_trees)
+        api_wait0 = run_queue_wait_s(api_tree)
         machine_busy0 = psutil.cpu_times()
         t_wall0 = time.monotonic()
         try:
@@ -535,13 +561,19 @@ def main() -> int:
         out = runner(burst(base, auth, model_id, uploads, args))
         busy1 = psutil.cpu_times()
         window = time.monotonic() - t_wall0
-        api_cpu = cpu_delta(api_cpu0, cpu_s(api_tree))
+        api_cpu1 = cpu_s(api_tree)
+        api_wait = cpu_delta(api_wait0, run_queue_wait_s(api_tree))
+        api_cpu = cpu_delta(api_cpu0, api_cpu1)
+        api_per_process = sorted((round(max(0.0, api_cpu1[pid] - api_cpu0[pid]) / window, 2)
+                                  for pid in api_cpu0.keys() & api_cpu1.keys()), reverse=True)
         workers_cpu = cpu_delta(workers_cpu0, cpu_s(worker_trees))
 
         def busy(t):
             return t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
 
         rows = out["rows"]
+        if args.dump_rows:  # every request: kind, start offset s, latency ms, status, error
+            Path(args.dump_rows).write_text(json.dumps(rows))
         burst_end = max([r[1] + r[2] / 1000 for r in rows if r[0] in ("submit", "upload")], default=0.0)
         requests = summarize_requests(rows, out["wall_s"], burst_end)
         ids = [s["id"] for s in out["submits"] if s.get("id")]
@@ -577,7 +609,8 @@ def main() -> int:
         result = {
             "setup": {"api": " ".join(api.cmd), "workers": [" ".join(w.cmd) for w in workers],
                       "database": f"PostgreSQL, fresh database {db} (dropped after)", "broker": REDIS_URL,
-                      "pollers": args.pollers, "poll_interval_s": args.poll_interval, "duration_s": args.duration,
+                      "pollers": args.pollers, "poll_interval_s": args.poll_interval,
+                      "poll_jitter": args.poll_jitter, "duration_s": args.duration,
                       "uploads": args.uploads, "upload_bytes_min_max": [min(map(len, uploads), default=0), max(map(len, uploads), default=0)],
                       "upload_mb": args.upload_mb, "jobs": args.jobs, "job_body": c.quantize_job_body("<model id>"),
                       "client": "one process, asyncio" + (" (uvloop)" if runner is not asyncio.run else "")
@@ -591,6 +624,8 @@ def main() -> int:
                       "poller_reconnects_after_idle_close": out["poller_reconnects"],
                       "machine_busy_cores": round((busy(busy1) - busy(machine_busy0)) / window, 2),
                       "api_processes_cores": round(api_cpu / window, 2),
+                      "api_cores_per_process": api_per_process,
+                      "api_run_queue_wait_s_per_s": round(api_wait / window, 3),
                       "api_cpu_ms_per_request": round(api_cpu * 1000 / max(1, len(rows)), 3),
                       "worker_processes_cores_without_job_processes": round(workers_cpu / window, 2)},
             "requests": requests,
