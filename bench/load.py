@@ -8,7 +8,8 @@ end first (imports, page cache); then, at the same instant (asyncio + httpx, one
   - `--jobs` (100) `POST /v1/jobs`, each with its own Idempotency-Key;
   - `--uploads` (20) `POST /v1/models` of distinct random ONNX models of `--upload-mb` (4) MB each;
   - `--pollers` (200) clients that `GET /v1/jobs/{id}` one of the submitted jobs (poller i follows job i mod 100,
-    from its 202 on) every `--poll-interval` s (0.25: 800 polls/s offered; 0 = back to back) until `--duration`
+    from its 202 on) every `--poll-interval` s (0.25: 800 polls/s offered; 0 = back to back), each pause
+    jittered by +-`--poll-jitter` (0.5; 0 = fixed pauses, which keeps the pollers in lockstep), until `--duration`
     (30) s after the start.
 Then the jobs drain (bounded by `--drain-timeout`), and the database is checked: every 202 is one row (by id and by
 Idempotency-Key), no other row exists, every job is terminal (or still queued/running once the drain timed out),
@@ -21,7 +22,7 @@ The per-owner limits are raised for the run (one owner sends everything): `DISTI
 10^9 (as in the other benchmarks) and `DISTILLERY_MAX_CONCURRENT_JOBS_PER_OWNER` above the job count.
 
     .venv/bin/python bench/load.py [--pollers 200] [--uploads 20] [--upload-mb 4] [--jobs 100] [--duration 30]
-                                   [--poll-interval 0.25] [--workers 2] [--drain-timeout 600] [--no-docs]
+                                   [--poll-interval 0.25] [--poll-jitter 0.5] [--workers 2] [--drain-timeout 600] [--no-docs]
 
 Writes bench/results/load.json and the "Load" section of docs/benchmarks.md (between its markers; `--no-docs`
 leaves the docs alone).

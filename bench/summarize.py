@@ -105,12 +105,13 @@ def load_md(d: dict) -> str:
     s, rq, v, j, dr = d["setup"], d["requests"], d["verdict"], d["jobs"], d["drain"]
     q, b = d.get("machine_quiet_check", {}), d["burst"]
     lines = [f"`{d['command']}` -- {machine(d)}", ""]
+    jitter = f" +-{s['poll_jitter'] * 100:.0f}%" if s.get("poll_jitter") else ""
     if q and not q.get("quiet", True):
         lines += [f"**The machine was not quiet** (other processes used {q['busy_cores_before_start']} of its cores "
                   "before the start): the latencies below measure that contention more than the service; rerun on an "
                   "idle machine.", ""]
     lines += [
-             f"{s['pollers']} pollers (every {s['poll_interval_s']} s, {s['duration_s']:.0f} s), {s['uploads']} uploads "
+             f"{s['pollers']} pollers (every {s['poll_interval_s']} s{jitter}, {s['duration_s']:.0f} s), {s['uploads']} uploads "
              f"of {s['upload_mb']} MB and {s['jobs']} job submissions at once; `distillery api --workers 2`, "
              f"{len(s['workers'])} workers. Other processes' CPU just before: {q.get('busy_cores_before_start', '?')} "
              f"cores; during the burst the machine used {b['machine_busy_cores']} cores (the API processes "
