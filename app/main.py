@@ -109,7 +109,7 @@ _heap_collected = False
 def _freeze_startup_heap() -> None:
     """Move what start-up made (it lives as long as the app) out of the cycle collector's reach, so that a full
     collection, triggered by request garbage, scans only newer objects instead of stalling this process's event loop
-    for ~100-250 ms (measured: ~235 ms for ~230k objects on a 2-core AMD EPYC). The first start in a
+    for ~100-250 ms (~166 ms for ~164k objects here: bench/gc_pause.py). The first start in a
     process collects first (~0.25 s with torch loaded; it also sets the collector's full-collection baseline); later
     starts in the same process (the test suite makes hundreds of apps) only freeze. The lifespan unfreezes at
     shutdown, so an app made and dropped in a longer process leaves nothing uncollectable behind."""
