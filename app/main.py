@@ -19,6 +19,7 @@ from app.core.errors import DistilleryError, error_body
 from app.core.openapi import install_openapi
 from app.core.bodylimit import JSON_BODY_LIMIT, BodyLimitMiddleware, BodyTooLarge
 from app.core.logs import RequestIdMiddleware
+from app.jobs.fastpath import JobPollFastPath
 from app.core.uploads import sweep_temp_files
 
 log = logging.getLogger("distillery.api")
@@ -150,6 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "on a worker, download the measured, compressed artifact.")
     install_error_handlers(app)
     install_openapi(app)  # the errors every route may answer (401, 422, 429, 503...), declared in the spec
+    app.add_middleware(JobPollFastPath)  # GET /v1/jobs/{id} on PostgreSQL, below the router (app/jobs/fastpath.py)
     app.add_middleware(BodyLimitMiddleware)  # JSON bodies (not uploads) are at most JSON_BODY_LIMIT bytes
     app.add_middleware(RequestIdMiddleware)  # X-Request-ID, and request_id on the request's log lines
     for router in (models_router, datasets_router, jobs_router, artifacts_router, workers_router):

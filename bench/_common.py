@@ -60,13 +60,18 @@ def mark_start() -> None:
                   started_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
 
+VECTOR_FLAGS = {"sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16"}
+
+
 def machine_facts() -> dict:
-    cpu = ""
+    cpu, flags = "", set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and not cpu:
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     mem_kib = 0
     with contextlib.suppress(OSError):
         m = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
@@ -86,6 +91,8 @@ def machine_facts() -> dict:
     return {
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu_model": cpu,
+        # what decides int8/bf16 speed on a CPU: ONNX Runtime's int8 kernels use VNNI where the CPU has it
+        "cpu_vector_flags": sorted(f for f in flags if f in VECTOR_FLAGS),
         "nproc": os.cpu_count(),
         "memory_gib": round(mem_kib / 1024**2, 1),
         "kernel": platform.release(),

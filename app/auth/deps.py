@@ -45,6 +45,18 @@ class RateLimiter:
             return (1.0 - tokens) / self.rate
 
 
+def known_principal(services, header: str | None) -> Principal | None:
+    """The caller when it is known without a database query: open mode without a header, or a well-formed Bearer key
+    verified (and valid) within `auth_cache_s`. None otherwise; `current_principal` then decides and explains."""
+    if header is None:
+        return Principal(services.settings.default_owner) if services.settings.auth == "open" else None
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or not services.keys.is_cached(token):
+        return None
+    return services.keys.verify(None, token)
+
+
 async def current_principal(request: Request, services: ServicesDep) -> Principal:
     settings = services.settings
     header = request.headers.get("authorization")

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     job_nice: int = Field(10, ge=0, le=19, description="CPU niceness of job processes (0-19): a job's work yields to "
                           "the API and the worker when they share a machine.")
     api_workers: int = Field(2, ge=1, description="uvicorn processes of `distillery api`.")
+    api_submit_concurrency: int = Field(4, ge=1, le=64, description="Job submissions one API process works on at "
+                                        "once; more wait their turn. Each holds the process's interpreter lock "
+                                        "for a few ms, so a burst of them would otherwise make status polls wait.")
     auth: Literal["required", "open"] = Field("required", description="required: every /v1 request needs "
                                               "`Authorization: Bearer <key>`. open: requests without a key act as "
                                               "the default owner (only `distillery serve` on loopback allows it).")

@@ -1,8 +1,9 @@
 """Shared services and typed dependency aliases for the routes."""
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
 from celery import Celery
@@ -29,6 +30,8 @@ class Services:
     keys: "KeyVerifier"
     rate_limiter: "RateLimiter"
     job_reader: "JobReader | None" = None
+    #: bounds the job submissions this process runs at once (`api_submit_concurrency`); made in the event loop
+    submit_gate: asyncio.Semaphore | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, settings: Settings) -> "Services":
@@ -44,6 +47,7 @@ class Services:
                    KeyVerifier(settings.auth_cache_s), RateLimiter(settings.rate_limit_per_minute), reader)
 
     async def open(self) -> None:
+        self.submit_gate = asyncio.Semaphore(self.settings.api_submit_concurrency)
         if self.job_reader is not None:
             await self.job_reader.open()
 

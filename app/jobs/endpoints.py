@@ -30,10 +30,12 @@ SSE_KEEPALIVE_S = 15.0
 @router.post("/jobs", status_code=202, response_model=JobOut,
              responses=error_responses(NotFound, Conflict, Unprocessable),
              summary="Submit a job (committed, then enqueued by id)")
-def create_job(body: JobCreate, response: Response, services: ServicesDep, session: SessionDep, who: PrincipalDep,
-               idempotency_key: Annotated[str | None, Header(max_length=255, description=(
-                   "Repeat a request safely: the same key returns the same job; a different body is a 409."))] = None):
-    job, created = service.create(services, session, who, body, idempotency_key)
+async def create_job(body: JobCreate, response: Response, services: ServicesDep, who: PrincipalDep,
+                     idempotency_key: Annotated[str | None, Header(max_length=255, description=(
+                         "Repeat a request safely: the same key returns the same job; a different body is a "
+                         "409."))] = None):
+    async with services.submit_gate:  # a burst of submissions queues here, not on the interpreter lock
+        job, created = await run_in_threadpool(_create_job, services, who, body, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
@@ -47,6 +49,11 @@ def list_jobs(session: SessionDep, who: PrincipalDep, cursor: CursorQuery = None
     rows = repo.list_page(session, who.scope, status=status, kind=kind, model_id=model_id, cursor=cursor, limit=limit,
                           labels=parse_filters(label))
     return Page[JobOut](items=[service.to_out(r) for r in rows], next_cursor=next_cursor(rows, limit))
+
+
+def _create_job(services, who, body: JobCreate, idempotency_key: str | None):
+    with services.db.session() as session:
+        return service.create(services, session, who, body, idempotency_key)
 
 
 def _get_job_json(services, owner: str | None, job_id: str) -> bytes:
