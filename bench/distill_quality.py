@@ -44,9 +44,10 @@ TEACHER_SEED = 0
 
 #: The teacher: two conv blocks (32, 64 channels) and a 3136-320-10 head: 1.03M parameters.
 TEACHER = {"channels": (32, 64), "hidden": 320, "epochs": 3, "batch_size": 128, "lr": 1e-3}
-#: The student: three conv blocks (16, 32, 64 channels) and a linear head: 29.2k parameters (1/35 of the teacher).
-#: `--student-channels 32 64 96` gives 83.1k parameters (1/12 of the teacher).
-STUDENT = {"arch": "cnn", "channels": [16, 32, 64], "hidden": []}
+#: The student: three conv blocks (32, 64, 96 channels) and a linear head: 83.1k parameters (1/12 of the teacher).
+#: `--student-channels 16 32 64` gives 29.2k parameters (1/35), the student of the first runs: on Fashion-MNIST it
+#: came 1.66 points below the teacher (3 seeds), the wider one is allowed by the target (<= 1/10) and closes that.
+STUDENT = {"arch": "cnn", "channels": [32, 64, 96], "hidden": []}
 DISTILL = {
     "student": STUDENT,
     "temperature": 4.0,
