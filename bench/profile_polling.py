@@ -3,7 +3,7 @@
 1. In process (PostgreSQL + Redis settings, the real create_app, httpx ASGITransport, one request at a time):
    per request, the thread-pool hops (anyio.to_thread.run_sync calls), PostgreSQL transactions and new
    connections (pg_stat_database), SQLAlchemy statements/pre-pings; the CPU per request vs the same app's async
-   `/healthz`; the cost of one thread hop by itself; and a cProfile (event-loop thread) of the GETs.
+   `/healthz` and vs the same GET sent on to FastAPI's route (`?via=route`, which the fast path leaves alone); the cost of one thread hop by itself; and a cProfile (event-loop thread) of the GETs.
 2. Under load (needs py-spy: `.venv/bin/pip install py-spy`): `distillery api --workers 2` under wrk -c64, both
    workers sampled with `py-spy record --gil --nonblocking --subprocesses` (who holds each process's GIL, i.e. its CPU), then
    the samples grouped by the package of the innermost frame, plus inclusive shares of chosen functions.
@@ -103,7 +103,9 @@ async def _in_process_body(app, counts, counting_run_sync, real_run_sync, out, n
             anyio.to_thread.run_sync = counting_run_sync
             try:
                 per = {}
-                for label, path in (("healthz", "/healthz"), ("get_job", f"/v1/jobs/{job_id}")):
+                # get_job is answered by JobPollFastPath; a query string sends the same GET on to FastAPI's route
+                for label, path in (("healthz", "/healthz"), ("get_job", f"/v1/jobs/{job_id}"),
+                                    ("get_job_via_route", f"/v1/jobs/{job_id}?via=route")):
                     counts.clear()
                     pg0 = pg_counters()
                     t_cpu, t_wall = time.process_time(), time.perf_counter()
@@ -160,6 +162,7 @@ GROUPS = [  # (group, regex on the innermost frame's "function (file)") -- first
     ("application code (app/)", r"\(app/"),
 ]
 KEY_FUNCTIONS = {
+    "JobPollFastPath (below the router, app/jobs/fastpath.py)": r"^JobPollFastPath\.__call__ ",
     "get_job endpoint (app/jobs/endpoints.py)": r"^get_job \(app/jobs/endpoints\.py",
     "JobReader.job_json (async pool + query, app/jobs/fastread.py)": r"^JobReader\.job_json ",
     "render (JSON assembly, app/jobs/fastread.py)": r"^render \(app/jobs/fastread\.py",
