@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.config import Settings, get_settings
 from app.core.deps import Services
-from app.core.errors import DistilleryError, error_body
+from app.core.errors import DistilleryError, database_unavailable_response, error_body
 from app.core.openapi import install_openapi
 from app.core.bodylimit import JSON_BODY_LIMIT, BodyLimitMiddleware, BodyTooLarge
 from app.core.logs import RequestIdMiddleware
@@ -85,8 +85,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def _db_down(_: Request, exc: Exception):
         log.warning("database unavailable: %s", getattr(exc, "orig", exc))
-        return JSONResponse(error_body("database_unavailable", "the database is unavailable; retry shortly"),
-                            status_code=503, headers={"Retry-After": "2"})
+        return database_unavailable_response()
 
     # SQLAlchemy's, and the polling path's psycopg pool's, ways of saying the database is unreachable
     for exc_type in (OperationalError, psycopg.OperationalError, PoolTimeout):

@@ -44,6 +44,14 @@ def error_body(code: str, message: str, detail: Any = None) -> dict:
     return {"error": {"code": code, "message": message, "detail": detail if detail is not None else {}}}
 
 
+def database_unavailable_response():
+    """The 503 of every request that found the database unreachable (the route handlers' and the poll fast path's)."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error_body("database_unavailable", "the database is unavailable; retry shortly"),
+                        status_code=503, headers={"Retry-After": "2"})
+
+
 def error_responses(*errors: type[DistilleryError]) -> dict:
     """OpenAPI `responses=` entries for the errors an endpoint may raise."""
     from app.core.schemas import ErrorResponse

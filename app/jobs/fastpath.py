@@ -3,20 +3,22 @@
 An ASGI middleware in front of the router. It answers the plain case only: a PostgreSQL deployment (where
 `JobReader` reads the job as JSON text), a well-formed id, no query string, and a caller known without a database
 query (open mode, or an API key verified within `auth_cache_s`) who is under the rate limit. It answers 200 with
-the reader's bytes or the route's own 404, with the route's headers; everything else, including any error, goes on
-to the route, which decides and phrases every refusal. This skips the router's path matching, the dependency
-solving, the exception layers and the request object: under load that was about a third of the poll's CPU
-(bench/profile_polling.py). The OpenAPI spec still describes the route; a test checks both answer the same bytes.
+the reader's bytes, the route's own 404, or the route's 503 when the database is unreachable; everything else goes
+on to the route, which decides and phrases every refusal. It skips the router's path matching, the dependency
+solving, the exception layers and the request object (under wrk, FastAPI's share of the API's CPU fell from 12.5%
+to 2.6%: docs/benchmarks.md). The OpenAPI spec still describes the route; a test checks both answer the same bytes.
 """
 from __future__ import annotations
 
 import logging
 import re
 
+import psycopg
 from fastapi.responses import JSONResponse
+from psycopg_pool import PoolTimeout
 
 from app.auth.deps import known_principal
-from app.core.errors import error_body
+from app.core.errors import database_unavailable_response, error_body
 
 log = logging.getLogger("distillery.api")
 
@@ -49,9 +51,10 @@ class JobPollFastPath:
             return False
         try:
             body = await services.job_reader.job_json(principal.scope, job_id)
-        except Exception as exc:  # noqa: BLE001 - the route meets the same error and answers it (503)
-            log.debug("poll fast path: %s; the route answers", exc)
-            return False
+        except (psycopg.OperationalError, PoolTimeout) as exc:  # answered here: the request's token is spent
+            log.warning("database unavailable: %s", exc)
+            await database_unavailable_response()(scope, receive, send)
+            return True
         if body is None:
             await JSONResponse(error_body("job_not_found", f"job {job_id} not found"), status_code=404)(
                 scope, receive, send)

@@ -109,3 +109,16 @@ def test_a_burst_of_submissions_waits_at_the_gate_and_every_one_lands(pg_url, tm
         assert answers[0].json()["id"] == answers[-1].json()["id"]
         listed = client.get("/v1/jobs?limit=100").json()["items"]
         assert sorted(j["id"] for j in listed) == sorted({a.json()["id"] for a in answers}) and len(listed) == 11
+
+
+def test_an_unreachable_database_is_a_503_from_the_fast_path_too(tmp_path, served):
+    """The reader's pool cannot connect: the poll gets the route's 503, answered once (one rate-limit token)."""
+    from app.core.config import Settings
+
+    settings = Settings(data_dir=tmp_path, database_url="postgresql+psycopg://postgres@127.0.0.1:1/none",
+                        broker_url="redis://127.0.0.1:1/0", auth="open")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        fast, route = client.get("/v1/jobs/" + "0" * 32), client.get("/v1/jobs/" + "0" * 32 + "?via=route")
+    _same(fast, route)
+    _error(fast, 503, "database_unavailable")
+    assert fast.headers["retry-after"] == "2" and served["n"] == 1
