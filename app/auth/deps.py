@@ -60,28 +60,30 @@ def known_principal(services, header: str | None) -> Principal | None:
 async def current_principal(request: Request, services: ServicesDep) -> Principal:
     settings = services.settings
     header = request.headers.get("authorization")
-    if header:
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("send the API key as 'Authorization: Bearer <key>'")
-        token = token.strip()
-        if services.keys.is_cached(token):
-            principal = services.keys.verify(None, token)
-        else:
-            principal = await run_in_threadpool(services.keys.verify, services.db.sessionmaker, token)
-        if principal is None:
-            raise Unauthorized("the API key is invalid or revoked")
-    elif settings.auth == "open":
-        principal = Principal(settings.default_owner)
-    else:
-        raise Unauthorized("this server needs an API key: send 'Authorization: Bearer <key>' "
-                           "(keys come from `distillery keys create --owner NAME`)")
+    principal = known_principal(services, header)
+    if principal is None:
+        principal = await _verified_or_refused(services, header)
     wait = services.rate_limiter.take(principal.owner)
     if wait > 0:
         raise TooManyRequests(f"owner {principal.owner!r} is over the limit of {settings.rate_limit_per_minute} "
                               "requests per minute", detail={"limit": "rate_limit_per_minute",
                                                              "value": settings.rate_limit_per_minute,
                                                              "retry_after_s": round(wait, 2)})
+    return principal
+
+
+async def _verified_or_refused(services, header: str | None) -> Principal:
+    """The caller of a request whose key is not in the cache (one query, off the event loop), or a 401 saying why."""
+    if header is None:
+        raise Unauthorized("this server needs an API key: send 'Authorization: Bearer <key>' "
+                           "(keys come from `distillery keys create --owner NAME`)")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("send the API key as 'Authorization: Bearer <key>'")
+    principal = await run_in_threadpool(services.keys.verify, services.db.sessionmaker, token)
+    if principal is None:
+        raise Unauthorized("the API key is invalid or revoked")
     return principal
 
 
