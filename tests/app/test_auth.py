@@ -116,3 +116,53 @@ def test_cli_keys_and_production_refuses_open(tmp_path, monkeypatch, capsys):
         assert main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2
     finally:
         get_settings.cache_clear()
+
+
+def test_keys_are_stored_only_as_a_hash(secured):
+    import hashlib
+
+    from sqlalchemy import text
+
+    _, _, keys, db = secured
+    row, key = keys["alice"]
+    secret = key.split(".", 1)[1]
+    with db.session() as s:
+        stored = s.execute(text("SELECT * FROM api_keys WHERE id = :id"), {"id": row.id}).mappings().one()
+    assert stored["secret_sha256"] == hashlib.sha256(secret.encode()).hexdigest()
+    assert not any(secret in str(v) for v in stored.values())  # the secret itself is nowhere in the row
+
+
+def test_datasets_artifacts_and_lineage_are_isolated_too(secured, settings):
+    """Bob can neither see nor use Alice's dataset, artifact or models through any route; the admin sees them."""
+    from tests.app.test_api_uploads import upload_dataset
+    from tests.e2e.test_faults_services import _recorded_artifact
+    from tests.helpers import digits_npz_bytes
+
+    client, h, _, _ = secured
+    client.headers.update(h["alice"])
+    dataset = upload_dataset(client, digits_npz_bytes()).json()
+    artifact_id, _ = _recorded_artifact(client, settings, mlp_onnx_bytes(hidden=48))
+    teacher = upload_model(client, mlp_onnx_bytes()).json()
+    assert client.get(f"/v1/artifacts/{artifact_id}").json()["owner"] == "alice"
+
+    client.headers.update(h["bob"])
+    for path in (f"/v1/datasets/{dataset['id']}", f"/v1/artifacts/{artifact_id}",
+                 f"/v1/artifacts/{artifact_id}/content", f"/v1/artifacts/{artifact_id}/lineage",
+                 f"/v1/models/{teacher['id']}/jobs"):
+        _error(client.get(path), 404)
+    assert client.head(f"/v1/artifacts/{artifact_id}/content").status_code == 404
+    _error(client.post("/v1/models/from-artifact", json={"artifact_id": artifact_id}), 404)
+    own = upload_model(client, mlp_onnx_bytes()).json()
+    for body, code in (
+            ({"kind": "quantize", "model_id": own["id"], "dataset_id": dataset["id"],
+              "config": {"method": "static_int8"}}, "dataset_not_found"),
+            ({"kind": "quantize", "artifact_id": artifact_id, "config": {"method": "dynamic_int8"}}, None),
+            ({"kind": "distill", "model_id": own["id"], "dataset_id": "builtin:digits",
+              "config": {"student": {"model_id": teacher["id"]}}}, "model_not_found")):
+        _error(client.post("/v1/jobs", json=body), 404, code)
+    assert client.get("/v1/datasets").json()["items"] == []
+    assert client.get("/v1/jobs").json()["items"] == []
+
+    client.headers.update(h["ops"])
+    assert dataset["id"] in [d["id"] for d in client.get("/v1/datasets").json()["items"]]
+    assert client.get(f"/v1/artifacts/{artifact_id}/lineage").status_code == 200

@@ -27,6 +27,8 @@ def test_serve_runs_a_job_and_stops_cleanly_on_ctrl_c(tmp_path):
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(base + "/readyz", proc=proc)
+        said = (tmp_path / "serve.log").read_text()
+        assert "running OPEN on 127.0.0.1" in said and "loopback only" in said, said[-2000:]  # says so at start-up
         with httpx.Client(base_url=base, timeout=30) as c:
             model = c.post("/v1/models", files={"file": ("m.onnx", mlp_onnx_bytes())}).json()
             ds = c.post("/v1/datasets", files={"file": ("d.npz", digits_npz_bytes())}).json()
