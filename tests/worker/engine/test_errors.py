@@ -185,3 +185,58 @@ def test_cancelled_mid_run(run, example, stage):
     assert run.progress[-1][0] < 1.0
     # Nothing left behind but what was written before the cancel; no scratch folder.
     assert not any(p.name.startswith(".engine") for p in run.tmp_path.rglob("*"))
+
+
+def _mlp_variant(path: Path, *, extra_output: bool = False, nan: bool = False) -> Path:
+    """make_mlp's graph, changed the way a broken method could change it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from .conftest import make_mlp
+
+    model = onnx.load(make_mlp(path))
+    graph = model.graph
+    if nan:  # every output becomes NaN
+        graph.initializer.append(numpy_helper.from_array(np.array([np.nan], np.float32), "nan"))
+        graph.node[-1].output[0] = "pre"
+        graph.node.append(onnx.helper.make_node("Mul", ["pre", "nan"], ["out"]))
+    if extra_output:
+        graph.output.append(helper.make_tensor_value_info("hr", TensorProto.FLOAT, ["n", 64]))
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("breakage, says", [("truncated", "not an ONNX model"), ("extra_output", "outputs"),
+                                            ("nan_outputs", "finite"), ("outside_work_dir", "work folder"),
+                                            ("bad_format", "format")])
+def test_an_artifact_that_does_not_load_or_run_right_is_result_invalid(tmp_path, breakage, says):
+    """The check every job passes before it may succeed: the artifact is loaded back and run on sample rows."""
+    from worker.engine.api import verify_artifact
+    from worker.engine.onnx_io import OnnxRunner, load_onnx_model
+
+    from .conftest import make_mlp
+
+    work = tmp_path / "work"
+    work.mkdir()
+    original = load_onnx_model(make_mlp(tmp_path / "original.onnx"))
+    rng = np.random.default_rng(0)
+    sample = {"a": rng.normal(size=(4, 6)).astype(np.float32), "b": rng.normal(size=(4, 10)).astype(np.float32)}
+    reference = OnnxRunner(original, "cpu").run(sample)
+    artifact, fmt = work / "model.onnx", "onnx"
+    if breakage == "truncated":
+        artifact.write_bytes(original.raw[: len(original.raw) // 2])
+    elif breakage == "extra_output":
+        _mlp_variant(artifact, extra_output=True)
+    elif breakage == "nan_outputs":
+        _mlp_variant(artifact, nan=True)
+    elif breakage == "outside_work_dir":
+        artifact = tmp_path / "original.onnx"
+    else:
+        artifact.write_bytes(original.raw)
+        fmt = "pickle"
+    with pytest.raises(EngineError) as excinfo:
+        verify_artifact(artifact, fmt, work, "cpu", sample, reference, original.inputs)
+    assert _code(excinfo) == "result_invalid", excinfo.value.message
+    assert says in excinfo.value.message, excinfo.value.message
+    # the intact artifact passes the same check
+    (work / "ok.onnx").write_bytes(original.raw)
+    verify_artifact(work / "ok.onnx", "onnx", work, "cpu", sample, reference, original.inputs)
