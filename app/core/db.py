@@ -1,11 +1,13 @@
 """Engine and session factory, built lazily from Settings (never at import time)."""
 from __future__ import annotations
 
+import hashlib
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, text
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -43,6 +45,27 @@ class UTCDateTime(TypeDecorator):
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+_sqlite_owner_locks: dict[str, threading.Lock] = {}
+_sqlite_owner_locks_guard = threading.Lock()
+
+
+@contextmanager
+def owner_limit_lock(session: Session, owner: str, limit: str) -> Iterator[None]:
+    """Hold one owner's `limit` (count what exists, then insert, then commit) against the same owner's concurrent
+    requests, so a burst cannot pass a per-owner limit between the count and the commit. PostgreSQL: a
+    transaction-scoped advisory lock, shared by every API process and released by the commit or rollback. SQLite
+    (the embedded default, one API process): a lock in this process, held until the block ends."""
+    if session.get_bind().dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(f"{limit}:{owner}".encode()).digest()[:8], "big", signed=True)
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        yield
+        return
+    with _sqlite_owner_locks_guard:
+        lock = _sqlite_owner_locks.setdefault(f"{limit}:{owner}", threading.Lock())
+    with lock:
+        yield
 
 
 def make_engine(settings: Settings) -> Engine:

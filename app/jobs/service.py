@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.core.broker import send_run_job
 from app.auth.keys import Principal
-from app.core.db import utcnow
+from app.core.db import owner_limit_lock, utcnow
 from app.core.deps import Services
 from app.core.errors import Conflict, DistilleryError, InvalidTransition, NotFound, Unprocessable
 from app.core.tables import JobLabelRow, JobRow, ModelRow, WorkerRow
@@ -97,27 +97,28 @@ def create(services: Services, session: Session, who: Principal, body: JobCreate
     _check_formats(body, method, rule, model.format)
     dataset_id, builtin = _resolve_dataset(session, scope, body, model, method, rule)
     student_id = _student_model(session, scope, body)
-    _check_concurrency(services, session, owner)
     queue = _resolve_queue(session, services, body.device)
     admission.check_memory(session, services.settings, kind=body.kind, config=body.config, model=model,
                            dataset_id=dataset_id, builtin=builtin, queue=queue)
-    row = JobRow(owner=owner, kind=body.kind, status=JobStatus.queued.value, model_id=model.id,
-                 dataset_id=dataset_id, builtin_dataset=builtin, student_model_id=student_id,
-                 config=body.config.model_dump(mode="json"),
-                 device_requested=body.device, queue=queue, progress=0.0,
-                 stage="queued" if queue == "cpu" else "queued for a GPU worker",
-                 max_attempts=services.settings.max_attempts, idempotency_key=idempotency_key,
-                 request_sha256=digest, dispatched_at=utcnow(), callback_url=callback_url)
-    labels.replace(row, JobLabelRow, job_labels)
-    repo.add(session, row)
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        existing = repo.get_by_idempotency_key(session, owner, idempotency_key) if idempotency_key else None
-        if existing is None:
-            raise
-        return _replay(existing, digest), False
+    with owner_limit_lock(session, owner, "concurrent_jobs"):  # the count and the insert, one at a time per owner
+        _check_concurrency(services, session, owner)
+        row = JobRow(owner=owner, kind=body.kind, status=JobStatus.queued.value, model_id=model.id,
+                     dataset_id=dataset_id, builtin_dataset=builtin, student_model_id=student_id,
+                     config=body.config.model_dump(mode="json"),
+                     device_requested=body.device, queue=queue, progress=0.0,
+                     stage="queued" if queue == "cpu" else "queued for a GPU worker",
+                     max_attempts=services.settings.max_attempts, idempotency_key=idempotency_key,
+                     request_sha256=digest, dispatched_at=utcnow(), callback_url=callback_url)
+        labels.replace(row, JobLabelRow, job_labels)
+        repo.add(session, row)
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            existing = repo.get_by_idempotency_key(session, owner, idempotency_key) if idempotency_key else None
+            if existing is None:
+                raise
+            return _replay(existing, digest), False
     dispatch(services, session, row)
     return to_out(row), True
 

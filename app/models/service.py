@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
+from app.core.db import owner_limit_lock
 from app.core.deps import Services
 from app.core.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
 from app.core.tables import ModelLabelRow, ModelRow
@@ -66,9 +67,10 @@ def insert_uploaded(services: Services, row):
     content is removed again unless another row uses it, so nothing is left half-written."""
     with services.db.session() as session:
         try:
-            check_quota(services, session, row.owner, row.size_bytes)
-            session.add(row)
-            session.commit()
+            with owner_limit_lock(session, row.owner, "storage"):
+                check_quota(services, session, row.owner, row.size_bytes)
+                session.add(row)
+                session.commit()
         except BaseException:
             session.rollback()
             forget_content(services, session, row.sha256)

@@ -166,3 +166,25 @@ def test_datasets_artifacts_and_lineage_are_isolated_too(secured, settings):
     client.headers.update(h["ops"])
     assert dataset["id"] in [d["id"] for d in client.get("/v1/datasets").json()["items"]]
     assert client.get(f"/v1/artifacts/{artifact_id}/lineage").status_code == 200
+
+
+def test_a_burst_cannot_pass_the_per_owner_limits(settings):
+    """Ten submissions and six uploads at once against limits of 3 jobs and 2 models' bytes: exactly the limit gets
+    through; the count and the insert are one step per owner (an advisory lock on PostgreSQL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model_bytes = mlp_onnx_bytes()
+    settings = settings.model_copy(update={"max_concurrent_jobs_per_owner": 3, "api_submit_concurrency": 8,
+                                           "max_storage_bytes_per_owner": 2 * len(model_bytes) + len(model_bytes) // 2})
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        model = upload_model(client, model_bytes).json()
+        body = {"kind": "quantize", "model_id": model["id"], "config": {"method": "dynamic_int8"}}
+        others = [mlp_onnx_bytes(seed=1 + i) for i in range(6)]  # distinct files of the same size
+        assert {len(o) for o in others} == {len(model_bytes)}
+        with ThreadPoolExecutor(10) as pool:
+            submitted = list(pool.map(lambda _: client.post("/v1/jobs", json=body).status_code, range(10)))
+            uploaded = list(pool.map(lambda data: upload_model(client, data).status_code, others))
+        assert sorted(submitted) == [202] * 3 + [429] * 7
+        assert len(client.get("/v1/jobs").json()["items"]) == 3
+        assert sorted(uploaded) == [201] + [413] * 5  # the first model and one more fit
+        assert len(client.get("/v1/models").json()["items"]) == 2
