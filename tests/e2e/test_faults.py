@@ -110,3 +110,11 @@ def test_memory_limit_fails_with_out_of_memory(tmp_path, start_worker):
         job, _ = wait_terminal(api, submit_slow(api, model["id"])["id"])
         assert job["status"] == "failed" and job["error"]["code"] == "out_of_memory"
         assert "memory limit" in job["error"]["message"] and w.proc.poll() is None
+        # the worker takes the next job: claimed, run and recorded by the same worker (under the same 40 MB limit
+        # any job process, with its runtime loaded, is over it, so it ends the same way)
+        nxt = api.post("/v1/jobs", json={"kind": "quantize", "model_id": model["id"], "config": {
+            "method": "dynamic_int8", "benchmark": {"batch_sizes": [1], "repeats": 1, "warmup": 0}}}).json()
+        nxt, _ = wait_terminal(api, nxt["id"])
+        assert nxt["worker"] == job["worker"] and nxt["attempts"] == 1, nxt
+        assert nxt["status"] == "failed" and nxt["error"]["code"] == "out_of_memory", nxt
+        assert w.proc.poll() is None
