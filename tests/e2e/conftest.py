@@ -62,6 +62,15 @@ class WorkerProc:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
+    def kill9_alone(self) -> list:
+        """SIGKILL the worker process only (not its process group); returns the processes it had started."""
+        import psutil
+
+        children = psutil.Process(self.proc.pid).children(recursive=True)
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        return children
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)

@@ -1,6 +1,7 @@
 """Jobs are never lost and never run twice at once: SIGKILLed workers, cancel and time limits."""
 from __future__ import annotations
 
+import psutil
 import pytest
 
 from tests.app.test_api_uploads import upload_dataset, upload_model
@@ -52,7 +53,10 @@ def test_sigkilled_worker_without_attempts_left_fails_worker_lost(tmp_path, pg_u
         model = upload_model(api, mlp_onnx_bytes(hidden=1024)).json()
         job = submit_slow(api, model["id"])
         wait_for(api, job["id"], _running)
-        a.kill9()
+        children = a.kill9_alone()  # the worker only: its job process must not run on without it
+        assert children
+        _, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive, f"processes outlived their worker: {alive}"
         start_worker(settings, "b@test")
         job, _ = wait_terminal(api, job["id"])
         assert job["status"] == "failed" and job["attempts"] == 1
