@@ -56,7 +56,8 @@ _START = {}
 def mark_start() -> None:
     """Record the commit and tree state the servers are started from (others may commit during a run)."""
     _START.update(git_commit_at_start=_git("rev-parse", "HEAD"),
-                  git_dirty_paths_at_start=[l[3:] for l in _git("status", "--porcelain").splitlines() if l],
+                  git_dirty_paths_at_start=[l.split(maxsplit=1)[-1] for l in _git("status", "--porcelain").splitlines()
+                                            if l.strip()],
                   started_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
 

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench._common import write_results
+from bench._common import mark_start, write_results
 from worker.engine import JobSpec, RunContext, run_job
 from worker.engine.builtin import builtin_available, load_builtin_arrays
 
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student-channels", nargs="+", type=int, help="the CNN student's channels (default "
                         f"{STUDENT['channels']})")
     args = parser.parse_args(argv)
+    mark_start()
     if args.student_channels:
         DISTILL["student"] = {**STUDENT, "channels": args.student_channels}
 

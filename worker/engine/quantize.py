@@ -436,14 +436,12 @@ def _choose(measured: list[dict[str, Any]], labelled: bool, max_drop: float) -> 
     def fidelity(c: dict[str, Any]) -> tuple:
         return (c.get("accuracy", 0.0), c.get("agreement", 0.0), c["cosine"])
 
-    pool = within or measured
-    best = max(pool, key=fidelity)
-    if within:
-        why = (f"no candidate within the budget ({budget}) was at least {AUTO_MIN_SPEEDUP}x faster than the "
-               "baseline: kept the most faithful one")
-    else:
-        why = f"no candidate stayed within the budget ({budget}): kept the most faithful one"
-    return best, why, True
+    if within:  # none is clearly faster: the least slow of them, never a slower one for its accuracy
+        best = min(within, key=lambda c: c["latency_ms_p50"])
+        return best, (f"no candidate within the budget ({budget}) was at least {AUTO_MIN_SPEEDUP}x faster than "
+                      f"the baseline: kept the fastest of them ({best['speedup']}x)"), True
+    best = max(measured, key=fidelity)
+    return best, f"no candidate stayed within the budget ({budget}): kept the most faithful one", True
 
 
 def _prepare(job: PreparedJob, ctx: RunContext, min_opset: int | None = None) -> tuple[Path, dict[str, Any]]:
