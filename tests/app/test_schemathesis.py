@@ -45,11 +45,13 @@ schema = schemathesis.openapi.from_dict(create_app(Settings(
 schema.config.generation.update(max_examples=MAX_EXAMPLES, deterministic=True, database="none")
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    """(app, auth headers): the app on SQLite with keys required, a key, and a real model, dataset and job."""
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def live(request, tmp_path_factory):
+    """(app, auth headers): the app on SQLite, then on PostgreSQL (where job polls take the fast path below the
+    router), with keys required, a key, and a real model, dataset and job."""
+    db_url = "sqlite" if request.param == "sqlite" else request.getfixturevalue("pg_url")
     # a high rate limit: hundreds of requests a second from one owner are the test, not abuse; uploads bounded
-    cfg = make_settings(tmp_path_factory.mktemp("schemathesis"), "sqlite", "filesystem", auth="required",
+    cfg = make_settings(tmp_path_factory.mktemp("schemathesis"), db_url, "filesystem", auth="required",
                         auth_cache_s=300.0, rate_limit_per_minute=10**9, max_upload_bytes=1 << 20)
     db = Database(cfg)
     with db.session() as session:
