@@ -100,15 +100,20 @@ def start_worker(tmp_path):
 def stack(request, tmp_path):
     """(settings) of a real stack: PostgreSQL + Redis, or SQLite + the file-system broker."""
     if request.param == "redis-postgres":
-        pg = request.getfixturevalue("pg_url")
-        redis_url = request.getfixturevalue("redis_url")
-        db_index = 1 + os.getpid() % 14
-        url = redis_url.rsplit("/", 1)[0] + f"/{db_index}"
-        import redis
-
-        redis.Redis.from_url(url).flushdb()
-        return make_settings(tmp_path, pg, url, **FAST)
+        return production_settings(request, tmp_path)
     return make_settings(tmp_path, "sqlite", "filesystem", **FAST)
+
+
+def production_settings(request, tmp_path, **overrides):
+    """Settings on PostgreSQL and Redis (a flushed Redis database of this test process), FAST unless overridden."""
+    pg = request.getfixturevalue("pg_url")
+    redis_url = request.getfixturevalue("redis_url")
+    db_index = 1 + os.getpid() % 14
+    url = redis_url.rsplit("/", 1)[0] + f"/{db_index}"
+    import redis
+
+    redis.Redis.from_url(url).flushdb()
+    return make_settings(tmp_path, pg, url, **{**FAST, **overrides})
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import psutil
 import pytest
 
 from tests.app.test_api_uploads import upload_dataset, upload_model
-from tests.e2e.conftest import FAST, wait_for, wait_terminal
+from tests.e2e.conftest import FAST, production_settings, wait_for, wait_terminal
 from tests.conftest import make_settings
 from tests.helpers import digits_npz_bytes, mlp_onnx_bytes
 
@@ -42,12 +42,12 @@ def test_sigkilled_worker_job_finishes_on_another(api, stack, start_worker):
     assert statuses[-1] == "succeeded"
 
 
-def test_sigkilled_worker_without_attempts_left_fails_worker_lost(tmp_path, pg_url, start_worker):
+def test_sigkilled_worker_without_attempts_left_fails_worker_lost(request, tmp_path, start_worker):
     from fastapi.testclient import TestClient
 
     from app.main import create_app
 
-    settings = make_settings(tmp_path, pg_url, "filesystem", max_attempts=1, **FAST)
+    settings = production_settings(request, tmp_path, max_attempts=1)
     with TestClient(create_app(settings)) as api:
         a = start_worker(settings, "a@test")
         model = upload_model(api, mlp_onnx_bytes(hidden=1024)).json()
@@ -78,17 +78,18 @@ def test_cancel_running_job_and_worker_takes_next(api, stack, start_worker):
     assert quick["status"] == "succeeded"
 
 
-def test_time_limit_kills_the_job_not_the_worker(tmp_path, start_worker):
+def test_time_limit_kills_the_job_not_the_worker(request, tmp_path, start_worker):
     from fastapi.testclient import TestClient
 
     from app.main import create_app
 
-    # Long enough for a small job on a busy machine; the slow job's 2 x 10,000 timed runs at batch 256 take longer.
-    settings = make_settings(tmp_path, "sqlite", "filesystem", job_time_limit_s=15.0, **FAST)
+    # Long enough for a small job on a busy machine. The slow job times 2 x 10,000 runs at batch 4096 (about
+    # 3 x 10^8 multiply-adds each): minutes on any CPU (at batch 256 a fast machine finished it within the limit).
+    settings = production_settings(request, tmp_path, job_time_limit_s=15.0)
     with TestClient(create_app(settings)) as api:
         w = start_worker(settings, "w@test")
         model = upload_model(api, mlp_onnx_bytes(hidden=1024)).json()
-        slow = {**SLOW, "benchmark": {**SLOW["benchmark"], "repeats": 10_000}}
+        slow = {**SLOW, "benchmark": {**SLOW["benchmark"], "batch_sizes": [1, 4096], "repeats": 10_000}}
         resp = api.post("/v1/jobs", json={"kind": "quantize", "model_id": model["id"], "config": slow})
         assert resp.status_code == 202, resp.text
         job, _ = wait_terminal(api, resp.json()["id"])
@@ -102,12 +103,12 @@ def test_time_limit_kills_the_job_not_the_worker(tmp_path, start_worker):
         assert nxt["status"] == "succeeded", nxt["error"]
 
 
-def test_memory_limit_fails_with_out_of_memory(tmp_path, start_worker):
+def test_memory_limit_fails_with_out_of_memory(request, tmp_path, start_worker):
     from fastapi.testclient import TestClient
 
     from app.main import create_app
 
-    settings = make_settings(tmp_path, "sqlite", "filesystem", job_memory_limit_bytes=40 * 1024**2, **FAST)
+    settings = production_settings(request, tmp_path, job_memory_limit_bytes=40 * 1024**2)
     with TestClient(create_app(settings)) as api:
         w = start_worker(settings, "w@test")
         model = upload_model(api, mlp_onnx_bytes()).json()
