@@ -62,8 +62,16 @@ def owned_temp(storage) -> tuple[BinaryIO, Path]:
 
 
 def _owner_alive(pid: int, start: int) -> bool:
-    now = _start_stamp(pid)
-    return now is not None and abs(now - start) <= 1  # a reused pid has another start time
+    """Whether the process that named a temp file still runs: same pid, same start time (a reused pid has another),
+    and not a zombie (a killed process whose parent died too may wait a while to be reaped, but writes nothing)."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        now = int(round(proc.create_time() * 100))
+    except (psutil.Error, OSError):
+        return False
+    return abs(now - start) <= 1
 
 
 def sweep_temp_files(storage, unowned_max_age_s: float = UNOWNED_TEMP_MAX_AGE_S) -> int:

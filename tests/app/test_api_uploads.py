@@ -141,3 +141,29 @@ def test_bad_datasets_are_422(client, arrays, needle):
 
 def test_not_an_npz(client):
     _error(upload_dataset(client, b"hello"), 422, "not_an_npz")
+
+
+def test_a_temp_file_owner_is_alive_only_while_it_runs():
+    """The start-up sweep keeps a live process's upload temp file and removes a dead one's, a zombie's included (a
+    SIGKILLed uvicorn worker whose parent died too can stay unreaped for a while)."""
+    import subprocess
+    import time
+
+    import psutil
+
+    from app.core.uploads import _owner_alive, _start_stamp
+
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        stamp = _start_stamp(proc.pid)
+        assert _owner_alive(proc.pid, stamp)
+        assert not _owner_alive(proc.pid, stamp + 500)  # same pid, another start time: a reused pid
+        proc.kill()  # not waited for: a zombie until reaped
+        deadline = time.monotonic() + 10
+        while psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the killed child never became a zombie"
+        assert not _owner_alive(proc.pid, stamp)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not _owner_alive(proc.pid, stamp)  # reaped: gone

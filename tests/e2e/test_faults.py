@@ -1,6 +1,9 @@
 """Jobs are never lost and never run twice at once: SIGKILLed workers, cancel and time limits."""
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import psutil
 import pytest
 
@@ -83,14 +86,21 @@ def test_time_limit_kills_the_job_not_the_worker(request, tmp_path, start_worker
 
     from app.main import create_app
 
-    # Long enough for a small job on a busy machine. The slow job times 2 x 10,000 runs at batch 4096 (about
-    # 3 x 10^8 multiply-adds each): minutes on any CPU (at batch 256 a fast machine finished it within the limit).
+    # Long enough for a small job on a busy machine. The slow job times 2 x 10,000 runs at batch 4096 on 4096
+    # evaluation rows (about 3 x 10^8 multiply-adds a run): minutes on any CPU. (Without a dataset the engine
+    # evaluates on 256 synthetic rows and clips the batch to them: a fast machine finished that within the limit.)
     settings = production_settings(request, tmp_path, job_time_limit_s=15.0)
     with TestClient(create_app(settings)) as api:
         w = start_worker(settings, "w@test")
         model = upload_model(api, mlp_onnx_bytes(hidden=1024)).json()
+        rng = np.random.default_rng(0)
+        rows = {"x": rng.random((4096, 64), np.float32), "y": rng.integers(0, 10, 4096)}
+        buf = io.BytesIO()
+        np.savez(buf, **rows, x_test=rows["x"], y_test=rows["y"])
+        big = upload_dataset(api, buf.getvalue()).json()
         slow = {**SLOW, "benchmark": {**SLOW["benchmark"], "batch_sizes": [1, 4096], "repeats": 10_000}}
-        resp = api.post("/v1/jobs", json={"kind": "quantize", "model_id": model["id"], "config": slow})
+        resp = api.post("/v1/jobs", json={"kind": "quantize", "model_id": model["id"], "dataset_id": big["id"],
+                                          "config": slow})
         assert resp.status_code == 202, resp.text
         job, _ = wait_terminal(api, resp.json()["id"])
         assert job["status"] == "failed" and job["error"]["code"] == "timeout"
