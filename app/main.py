@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.config import Settings, get_settings
 from app.core.deps import Services
-from app.core.errors import DistilleryError, database_unavailable_response, error_body
+from app.core.errors import DistilleryError, database_unavailable_response, error_body, error_response
 from app.core.openapi import install_openapi
 from app.core.bodylimit import JSON_BODY_LIMIT, BodyLimitMiddleware, BodyTooLarge
 from app.core.logs import RequestIdMiddleware
@@ -60,7 +60,7 @@ def _body_parse_reason(cause: BaseException) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DistilleryError)
     async def _domain(_: Request, exc: DistilleryError):
-        return JSONResponse(error_body(exc.code, exc.message, exc.detail), status_code=exc.status_code)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):

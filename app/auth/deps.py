@@ -45,14 +45,20 @@ class RateLimiter:
             return (1.0 - tokens) / self.rate
 
 
+def _bearer_token(header: str) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header; None when the header is not of that form."""
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
 def known_principal(services, header: str | None) -> Principal | None:
     """The caller when it is known without a database query: open mode without a header, or a well-formed Bearer key
     verified (and valid) within `auth_cache_s`. None otherwise; `current_principal` then decides and explains."""
     if header is None:
         return Principal(services.settings.default_owner) if services.settings.auth == "open" else None
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token or not services.keys.is_cached(token):
+    token = _bearer_token(header)
+    if token is None or not services.keys.is_cached(token):
         return None
     return services.keys.verify(None, token)
 
@@ -77,9 +83,8 @@ async def _verified_or_refused(services, header: str | None) -> Principal:
     if header is None:
         raise Unauthorized("this server needs an API key: send 'Authorization: Bearer <key>' "
                            "(keys come from `distillery keys create --owner NAME`)")
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    token = _bearer_token(header)
+    if token is None:
         raise Unauthorized("send the API key as 'Authorization: Bearer <key>'")
     principal = await run_in_threadpool(services.keys.verify, services.db.sessionmaker, token)
     if principal is None:

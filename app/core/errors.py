@@ -44,6 +44,13 @@ def error_body(code: str, message: str, detail: Any = None) -> dict:
     return {"error": {"code": code, "message": message, "detail": detail if detail is not None else {}}}
 
 
+def error_response(exc: DistilleryError):
+    """The JSON response of a domain error (the app's handler, and the poll fast path below the router)."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error_body(exc.code, exc.message, exc.detail), status_code=exc.status_code)
+
+
 def database_unavailable_response():
     """The 503 of every request that found the database unreachable (the route handlers' and the poll fast path's)."""
     from fastapi.responses import JSONResponse

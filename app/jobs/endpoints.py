@@ -67,7 +67,7 @@ async def get_job(services: ServicesDep, who: PrincipalDep, job_id: str = JobId)
     if services.job_reader is not None:
         body = await services.job_reader.job_json(who.scope, job_id)
         if body is None:
-            raise NotFound(f"job {job_id} not found", code="job_not_found")
+            raise service.job_not_found(job_id)
     else:
         body = await run_in_threadpool(_get_job_json, services, who.scope, job_id)
     return Response(body, media_type="application/json")

@@ -14,11 +14,11 @@ import logging
 import re
 
 import psycopg
-from fastapi.responses import JSONResponse
 from psycopg_pool import PoolTimeout
 
 from app.auth.deps import known_principal
-from app.core.errors import database_unavailable_response, error_body
+from app.core.errors import database_unavailable_response, error_response
+from app.jobs.service import job_not_found
 
 log = logging.getLogger("distillery.api")
 
@@ -56,8 +56,7 @@ class JobPollFastPath:
             await database_unavailable_response()(scope, receive, send)
             return True
         if body is None:
-            await JSONResponse(error_body("job_not_found", f"job {job_id} not found"), status_code=404)(
-                scope, receive, send)
+            await error_response(job_not_found(job_id))(scope, receive, send)
             return True
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]})

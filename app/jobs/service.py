@@ -190,10 +190,14 @@ def dispatch(services: Services, session: Session, row: JobRow) -> None:
         session.commit()
 
 
+def job_not_found(job_id: str) -> NotFound:
+    return NotFound(f"job {job_id} not found", code="job_not_found")
+
+
 def get(session: Session, owner: str | None, job_id: str) -> JobRow:
     row = repo.get(session, job_id, owner)
     if row is None:
-        raise NotFound(f"job {job_id} not found", code="job_not_found")
+        raise job_not_found(job_id)
     return row
 
 
