@@ -216,7 +216,8 @@ def test_errors_carry_the_api_code(server, files):
 
         # the same Idempotency-Key gives the same job; with another body it is a 409
         model = client.upload_model(files["model"], name="idem")
-        slow = {"batch_sizes": [1, 256], "repeats": 1000, "warmup": 1}  # runs long enough to be cancelled
+        # runs long enough to be cancelled, also on a fast machine (1,000 repeats once finished before the cancel)
+        slow = {"batch_sizes": [1, 128, 256], "repeats": 10_000, "warmup": 1}
         first = client.quantize(model, method="dynamic_int8", benchmark=slow, idempotency_key="k-1")
         again = client.quantize(model.id, method="dynamic_int8", benchmark=slow, idempotency_key="k-1")
         assert again.id == first.id
