@@ -8,19 +8,15 @@ from typing import Annotated
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from app.auth.keys import Principal
+from app.auth.keys import KEY_RE, Principal
+from app.auth.throttle import client_address, guards
 from app.core.deps import ServicesDep
-from app.core.errors import DistilleryError
+from app.core.errors import DistilleryError, TooManyRequests
 
 
 class Unauthorized(DistilleryError):
     status_code = 401
     code = "unauthorized"
-
-
-class TooManyRequests(DistilleryError):
-    status_code = 429
-    code = "rate_limited"
 
 
 class RateLimiter:
@@ -54,13 +50,13 @@ def _bearer_token(header: str) -> str | None:
 
 def known_principal(services, header: str | None) -> Principal | None:
     """The caller when it is known without a database query: open mode without a header, or a well-formed Bearer key
-    verified (and valid) within `auth_cache_s`. None otherwise; `current_principal` then decides and explains."""
+    verified (and valid) within `auth_cache_s`. None otherwise; `current_principal` then decides and explains. The
+    poll fast path (app/jobs/fastpath.py) answers only whom this knows and leaves everyone else to the route, so a
+    key that needs a query always meets the failed-attempt limit below first."""
     if header is None:
         return Principal(services.settings.default_owner) if services.settings.auth == "open" else None
     token = _bearer_token(header)
-    if token is None or not services.keys.is_cached(token):
-        return None
-    return services.keys.verify(None, token)
+    return None if token is None else services.keys.cached(token)
 
 
 async def current_principal(request: Request, services: ServicesDep) -> Principal:
@@ -68,27 +64,39 @@ async def current_principal(request: Request, services: ServicesDep) -> Principa
     header = request.headers.get("authorization")
     principal = known_principal(services, header)
     if principal is None:
-        principal = await _verified_or_refused(services, header)
+        principal = await _verified_or_refused(services, header, client_address(request.scope))
     wait = services.rate_limiter.take(principal.owner)
     if wait > 0:
         raise TooManyRequests(f"owner {principal.owner!r} is over the limit of {settings.rate_limit_per_minute} "
-                              "requests per minute", detail={"limit": "rate_limit_per_minute",
-                                                             "value": settings.rate_limit_per_minute,
-                                                             "retry_after_s": round(wait, 2)})
+                              "requests per minute", retry_after_s=wait,
+                              detail={"limit": "rate_limit_per_minute", "value": settings.rate_limit_per_minute})
     return principal
 
 
-async def _verified_or_refused(services, header: str | None) -> Principal:
-    """The caller of a request whose key is not in the cache (one query, off the event loop), or a 401 saying why."""
+async def _verified_or_refused(services, header: str | None, address: str) -> Principal:
+    """The caller of a request whose key is not in the cache (one query, off the event loop), or a 401 saying why.
+    A well-formed key is a query, so it first takes a token of its address's failed-attempt budget (429 when there is
+    none); the token comes back unless the key fails."""
     if header is None:
         raise Unauthorized("this server needs an API key: send 'Authorization: Bearer <key>' "
                            "(keys come from `distillery keys create --owner NAME`)")
     token = _bearer_token(header)
     if token is None:
         raise Unauthorized("send the API key as 'Authorization: Bearer <key>'")
-    principal = await run_in_threadpool(services.keys.verify, services.db.sessionmaker, token)
-    if principal is None:
+    if not KEY_RE.match(token):
+        raise Unauthorized("the API key is invalid or revoked")  # not a key's shape: refused without a query
+    failed_keys = guards(services).failed_keys
+    bucket, wait = failed_keys.take(address)
+    if bucket is None:
+        raise failed_keys.refusal(wait)
+    try:
+        principal = await run_in_threadpool(services.keys.verify, services.db.sessionmaker, token)
+    except Exception:  # the database could not say (a 503 follows): not a failed attempt
+        failed_keys.refund(bucket)
+        raise
+    if principal is None:  # the token stays spent
         raise Unauthorized("the API key is invalid or revoked")
+    failed_keys.refund(bucket)
     return principal
 
 

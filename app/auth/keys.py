@@ -5,7 +5,9 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -59,31 +61,52 @@ def list_keys(session: Session) -> list[ApiKeyRow]:
 
 
 class KeyVerifier:
-    """Checks a presented key; remembers verified keys for `ttl_s` so the polling path costs no query."""
+    """Checks a presented key; remembers verified keys, and only those, for `ttl_s` so the polling path costs no
+    query. The memory is a least-recently-used table of at most `max_entries` keys: a key that fails to verify never
+    enters it, so junk keys can neither fill it nor push a verified key out of it."""
 
-    def __init__(self, ttl_s: float):
+    def __init__(self, ttl_s: float, max_entries: int = 10_000):
         self.ttl_s = ttl_s
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self.max_entries = max_entries
+        self._cache: OrderedDict[str, tuple[float, Principal]] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()
 
-    def is_cached(self, token: str) -> bool:
-        hit = self._cache.get(token)
-        return hit is not None and time.monotonic() - hit[0] < self.ttl_s
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def cached(self, token: str) -> Principal | None:
+        """The principal of a key verified within `ttl_s`; None otherwise (never a query)."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(token)
+            if hit is None:
+                return None
+            if now - hit[0] >= self.ttl_s:
+                del self._cache[token]
+                return None
+            self._cache.move_to_end(token)
+            return hit[1]
 
     def verify(self, session_factory, token: str) -> Principal | None:
-        """The key's principal, or None; `session_factory` is used only when the answer is not cached."""
+        """The key's principal, or None; `session_factory` is used only when the key is not cached."""
         m = KEY_RE.match(token)
         if not m:
             return None
+        principal = self.cached(token)
+        if principal is not None:
+            return principal
         key_id, secret = m.groups()
         now = time.monotonic()
-        hit = self._cache.get(token)
-        if hit is not None and now - hit[0] < self.ttl_s:
-            return hit[1]
         with session_factory() as session:
             row = session.get(ApiKeyRow, key_id)
         ok = row is not None and row.revoked_at is None and hmac.compare_digest(row.secret_sha256, _digest(secret))
-        principal = Principal(row.owner, row.admin, row.id) if ok else None
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[token] = (now, principal)
+        if not ok:
+            return None
+        principal = Principal(row.owner, row.admin, row.id)
+        if self.ttl_s > 0:
+            with self._lock:
+                self._cache[token] = (now, principal)
+                self._cache.move_to_end(token)
+                while len(self._cache) > self.max_entries:
+                    self._cache.popitem(last=False)
         return principal

@@ -1,8 +1,10 @@
 """A bound on request bodies that are not file uploads (JSON job specs, label patches).
 
-Multipart uploads are bounded by `max_upload_bytes` as they stream (app/core/uploads.py). Every other body is
-read into memory by FastAPI, so it gets a small fixed bound: a declared Content-Length over it is answered 413 at
-once, and a chunked body is cut off (413) as soon as it passes it.
+Multipart uploads bound themselves as they stream (app/core/uploads.py: the file by `max_upload_bytes`, the form's
+parts, headers and text fields by small constants, the whole body by `max_upload_bytes` + FORM_ALLOWANCE, with or
+without a Content-Length), so this middleware lets them through. Every other body is read into memory by FastAPI,
+so it gets a small fixed bound: a declared Content-Length over it is answered 413 at once, and a chunked body is
+cut off (413) as soon as it passes it.
 """
 from __future__ import annotations
 

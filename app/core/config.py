@@ -42,6 +42,19 @@ class Settings(BaseSettings):
                                "about 0.3 GB).")
     job_nice: int = Field(10, ge=0, le=19, description="CPU niceness of job processes (0-19): a job's work yields to "
                           "the API and the worker when they share a machine.")
+    job_sandbox: Literal["strict", "permissive"] = Field("strict", description="What a worker does where a layer "
+                                                         "of the job sandbox is missing (docs/security.md). strict: "
+                                                         "refuse TorchScript jobs (loading one runs the uploader's "
+                                                         "code) unless file confinement and the system-call filter "
+                                                         "both hold. permissive: run them with the layers there are. "
+                                                         "Either way the worker logs its layers at start-up and "
+                                                         "/v1/capabilities shows them.")
+    job_disk_limit_bytes: int = Field(20 * 1024**3, gt=0, description="Largest file a job's process may write, and "
+                                      "most bytes its work folder may hold (failed with disk_limit past it); also "
+                                      "bounds the artifact.")
+    job_plugins: str = Field("", description="Python files (comma-separated paths) a job's process imports after "
+                             "the engine and before its job, e.g. to register custom methods; the operator's own "
+                             "code, shown read-only to the sandbox.")
     api_workers: int = Field(2, ge=1, description="uvicorn processes of `distillery api`.")
     api_submit_concurrency: int = Field(4, ge=1, le=64, description="Job submissions one API process works on at "
                                         "once; more wait their turn. Each holds the process's interpreter lock "
@@ -58,6 +71,18 @@ class Settings(BaseSettings):
                                              "artifacts one owner may store (413 past it).")
     rate_limit_per_minute: int = Field(1200, ge=1, description="Requests per minute per owner and API process "
                                        "(429 past it).")
+    auth_failures_per_minute: int = Field(20, ge=1, description="Failed API key attempts per minute per client "
+                                          "address (IPv6: per /64) and API process, bursts up to the same number; "
+                                          "past it a key that is not already verified gets 429 before any database "
+                                          "query. The address is the socket peer (uvicorn substitutes "
+                                          "X-Forwarded-For only from its trusted proxies).")
+    auth_failure_max_addresses: int = Field(10_000, ge=1, description="Client addresses with recent failed key "
+                                            "attempts one API process remembers; when all are still counting, "
+                                            "further addresses share one bucket (nothing is forgotten early).")
+    max_event_streams_per_owner: int = Field(8, ge=1, description="Event streams (GET /v1/jobs/{id}/events) "
+                                             "one owner may hold open per API process (429 past it).")
+    max_event_streams: int = Field(64, ge=1, description="Event streams one API process serves at once, all "
+                                   "owners together (429 past it).")
     webhook_allowed_hosts: str = Field("", description="Hosts a job's callback_url may name, comma-separated: "
                                        "host names (`hooks.example.com`, `*.example.com` for subdomains), IP "
                                        "addresses or CIDR blocks. A host name may only reach public addresses; "
@@ -105,6 +130,10 @@ class Settings(BaseSettings):
     @property
     def is_embedded_broker(self) -> bool:
         return self.broker_url.startswith("filesystem")
+
+    @property
+    def job_plugin_paths(self) -> list[str]:
+        return [p.strip() for p in self.job_plugins.split(",") if p.strip()]
 
     @property
     def broker_dir(self) -> Path:

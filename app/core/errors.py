@@ -1,6 +1,7 @@
 """Error hierarchy. Services raise these; one handler renders them as {"error": {code, message, detail}}."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -8,12 +9,27 @@ class DistilleryError(Exception):
     status_code = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, code: str | None = None, detail: dict[str, Any] | None = None):
+    def __init__(self, message: str, *, code: str | None = None, detail: dict[str, Any] | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         if code:
             self.code = code
         self.detail = detail or {}
+        self.headers = headers or {}  # e.g. Retry-After on a 429
+
+
+class TooManyRequests(DistilleryError):
+    """429 with Retry-After (whole seconds, at least 1)."""
+
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float, code: str | None = None,
+                 detail: dict[str, Any] | None = None):
+        retry = max(1, math.ceil(retry_after_s))
+        super().__init__(message, code=code, detail={**(detail or {}), "retry_after_s": retry},
+                         headers={"Retry-After": str(retry)})
 
 
 class NotFound(DistilleryError):
@@ -48,7 +64,8 @@ def error_response(exc: DistilleryError):
     """The JSON response of a domain error (the app's handler, and the poll fast path below the router)."""
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(error_body(exc.code, exc.message, exc.detail), status_code=exc.status_code)
+    return JSONResponse(error_body(exc.code, exc.message, exc.detail), status_code=exc.status_code,
+                        headers=exc.headers or None)
 
 
 def database_unavailable_response():

@@ -27,7 +27,9 @@ _COMMON = {
     413: "payload_too_large: a JSON body over 1 MiB (`detail.limit`)",
     401: "unauthorized: no API key, or an invalid or revoked one (`Authorization: Bearer <key>`)",
     422: "validation_error: a parameter or the body is invalid (`detail.errors` lists each field)",
-    429: "rate_limited: the owner is over `DISTILLERY_RATE_LIMIT_PER_MINUTE` (`detail.retry_after_s`)",
+    429: "rate_limited: the owner is over `DISTILLERY_RATE_LIMIT_PER_MINUTE`; auth_rate_limited: this address "
+         "sent too many invalid API keys (`DISTILLERY_AUTH_FAILURES_PER_MINUTE`); retry after the `Retry-After` "
+         "seconds (`detail.retry_after_s`)",
     503: "database_unavailable / database_error: retry after the `Retry-After` seconds",
 }
 

@@ -27,7 +27,8 @@ MULTIPART_BODY = {"requestBody": {"required": True, "content": {"multipart/form-
              responses=error_responses(UploadAborted, PayloadTooLarge, UnsupportedMediaType, Unprocessable),
              summary="Upload a dataset (.npz, validated without unpickling)")
 async def upload_dataset(request: Request, services: ServicesDep, who: PrincipalDep) -> DatasetOut:
-    received = await receive_upload(request, services.storage, max_bytes=services.settings.max_upload_bytes)
+    received = await receive_upload(request, services.storage, max_bytes=services.settings.max_upload_bytes,
+                                    quota=service.upload_quota(services, who.owner))
     return await run_in_threadpool(service.create_from_upload, services, who.owner, received)
 
 

@@ -10,7 +10,7 @@ from app.core.uploads import ReceivedUpload
 from app.datasets.schemas import DatasetOut
 from app.datasets.validate import DatasetRejected, validate_npz
 from app.models.repository import owned
-from app.models.service import clean_name, insert_uploaded, store_received
+from app.models.service import clean_name, insert_uploaded, store_received, upload_quota  # noqa: F401 (the route's)
 
 
 def create_from_upload(services: Services, owner: str, received: ReceivedUpload) -> DatasetOut:

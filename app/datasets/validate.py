@@ -6,6 +6,7 @@ seeded split.
 """
 from __future__ import annotations
 
+import math
 import re
 import zipfile
 import zlib
@@ -15,9 +16,16 @@ from pathlib import Path
 import numpy as np
 from numpy.lib import format as npformat
 
+from app.core.zipdir import ZipDirectory, zip_directory
+
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")
 ALLOWED_KINDS = "biuf"  # bool, signed, unsigned, float
 MAX_ARRAYS = 256
+# Bytes of zip directory per array: a central directory entry is 46 bytes, the name (at most 132 here) and extra
+# fields (zip64 sizes, timestamps: tens of bytes); numpy.savez writes about 100 bytes per array.
+DIRECTORY_BYTES_PER_ARRAY = 1024
+MAX_DIRECTORY_BYTES = MAX_ARRAYS * DIRECTORY_BYTES_PER_ARRAY
+MAX_RANK = 32  # numpy 1.x allows 32 dimensions, 2.x 64
 MAX_SAMPLES = 50_000_000
 LABEL_BLOCK_BYTES = 1024 * 1024  # labels are checked a block at a time: memory stays bounded whatever their size
 # What a damaged or hostile archive raises while its members are read (bad CRC, bad deflate data, unknown
@@ -48,6 +56,37 @@ def _read_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     raise ValueError(f"unknown .npy version {version}")
 
 
+def _check_directory(directory: ZipDirectory) -> None:
+    """Refuse an archive whose zip directory is larger than MAX_ARRAYS arrays need, from what its end record
+    declares, before zipfile reads the directory (one object per entry: a million-entry directory costs hundreds of
+    MiB). zipfile reads `size` bytes whatever the entry count says, so both are bounded."""
+    if directory.entries > MAX_ARRAYS or directory.size > MAX_DIRECTORY_BYTES:
+        raise DatasetRejected(
+            "invalid_dataset", f"the .npz's zip directory lists {directory.entries} entries in {directory.size} "
+            f"bytes; a dataset holds at most {MAX_ARRAYS} arrays (a directory of at most {MAX_DIRECTORY_BYTES} "
+            "bytes)", {"entries": directory.entries, "directory_bytes": directory.size, "limit_entries": MAX_ARRAYS,
+                       "limit_directory_bytes": MAX_DIRECTORY_BYTES})
+
+
+def _array_bytes(name: str, shape: tuple, dtype: np.dtype, max_total_bytes: int) -> int:
+    """The bytes an array's header declares, in Python ints (numpy's int64 product wraps: (10, 2**62, 4) gives 0);
+    refuses non-integer or negative dimensions and sizes past `max_total_bytes`."""
+    if len(shape) > MAX_RANK:
+        raise DatasetRejected("invalid_dataset", f"array {name!r} has {len(shape)} dimensions (at most {MAX_RANK})")
+    if any(type(d) is not int or d < 0 for d in shape):
+        raise DatasetRejected("invalid_dataset", f"array {name!r} declares shape {list(shape)}: dimensions must be "
+                              "non-negative integers")
+    too_large = {"limit_bytes": max_total_bytes, "array": name}  # (the shape may not fit a JSON number)
+    if any(d > max_total_bytes for d in shape):  # bounds the product below, even when another dimension is 0
+        raise DatasetRejected("dataset_too_large", f"array {name!r} declares shape {list(shape)}, a dimension "
+                              f"over the limit of {max_total_bytes} bytes of array data", too_large)
+    nbytes = math.prod(shape) * dtype.itemsize  # at most MAX_RANK factors of at most max_total_bytes each
+    if nbytes > max_total_bytes:
+        raise DatasetRejected("dataset_too_large", f"array {name!r} declares shape {list(shape)} of {dtype}: "
+                              f"{nbytes} bytes, over the limit of {max_total_bytes}", too_large)
+    return nbytes
+
+
 def _read_headers(zf: zipfile.ZipFile, max_total_bytes: int) -> dict[str, ArrayHeader]:
     infos = zf.infolist()
     if not infos:
@@ -76,7 +115,7 @@ def _read_headers(zf: zipfile.ZipFile, max_total_bytes: int) -> dict[str, ArrayH
                                   "as pickles, which are never loaded)")
         if len(shape) == 0:
             raise DatasetRejected("invalid_dataset", f"array {name!r} is a scalar; arrays need a sample axis")
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        expected = _array_bytes(name, shape, dtype, max_total_bytes)
         if not expected <= info.file_size <= expected + 1024 * 1024:
             raise DatasetRejected("invalid_dataset", f"array {name!r} declares shape {shape} that does not match "
                                   "its stored size")
@@ -103,17 +142,19 @@ def _check_group(headers: dict[str, ArrayHeader], names: list[str], label: str, 
 
 def validate_npz(path: Path, max_total_bytes: int) -> dict:
     """Returns the dataset's info (arrays, inputs, sample counts, labels); raises DatasetRejected."""
-    try:
-        zf = zipfile.ZipFile(path)
-    except _ZIP_ERRORS:
-        raise DatasetRejected("not_an_npz", "the file is not an .npz archive (save one with numpy.savez)") from None
-    with zf:
+    with open(path, "rb") as f:
         try:
-            headers = _read_headers(zf, max_total_bytes)
-            labels_ok = _load_labels(zf, headers)
-        except _ZIP_ERRORS as exc:
-            raise DatasetRejected("corrupt_dataset", f"the .npz archive is truncated or corrupt: {exc}",
-                                  {"reason": str(exc)[:500]}) from None
+            _check_directory(zip_directory(f))  # first: zipfile reads the whole directory it declares
+            zf = zipfile.ZipFile(f)
+        except _ZIP_ERRORS:
+            raise DatasetRejected("not_an_npz", "the file is not an .npz archive (save one with numpy.savez)") from None
+        with zf:
+            try:
+                headers = _read_headers(zf, max_total_bytes)
+                labels_ok = _load_labels(zf, headers)
+            except _ZIP_ERRORS as exc:
+                raise DatasetRejected("corrupt_dataset", f"the .npz archive is truncated or corrupt: {exc}",
+                                      {"reason": str(exc)[:500]}) from None
     train = sorted(n for n in headers if not n.endswith("_test") and n != "y")
     test = sorted(n for n in headers if n.endswith("_test") and n != "y_test")
     if not train:
@@ -148,7 +189,7 @@ def _load_labels(zf: zipfile.ZipFile, headers: dict[str, ArrayHeader]) -> int | 
         if name not in headers or headers[name].dtype.kind not in "iu":
             continue
         header = headers[name]
-        left = int(np.prod(header.shape, dtype=np.int64))
+        left = math.prod(header.shape)  # bounded by _array_bytes
         block = max(1, LABEL_BLOCK_BYTES // header.dtype.itemsize)
         with zf.open(name + ".npy") as f:
             _read_header(f)  # checked by _read_headers; read again to reach the data

@@ -9,6 +9,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.auth.deps import PrincipalDep
+from app.auth.throttle import TooManyEventStreams, guards
 from app.core.deps import ServicesDep, SessionDep
 from app.core.errors import Conflict, InvalidTransition, NotFound, Unprocessable, error_responses
 from app.core.ids import ID_PATTERN
@@ -24,6 +25,7 @@ from app.labels.service import parse_filters
 router = APIRouter(tags=["jobs"])
 JobId = Path(pattern=ID_PATTERN, description="A job id.")
 SSE_POLL_S = 0.25
+SSE_POLL_MAX_S = 1.0
 SSE_KEEPALIVE_S = 15.0
 
 
@@ -85,18 +87,45 @@ def _poll_events(services, owner: str | None, job_id: str, after: int):
         return job.status, repo.events_after(session, job_id, after)
 
 
-@router.get("/jobs/{job_id}/events", responses={**error_responses(NotFound), 200: {
+class _SlotStream(StreamingResponse):
+    """A StreamingResponse that frees its event-stream slot however the stream ends: the job ended, the client went
+    away (uvicorn's disconnect cancels the stream; a failed send raises), or an error."""
+
+    def __init__(self, content, slot, **kwargs):
+        super().__init__(content, **kwargs)
+        self.slot = slot
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.close()
+            try:
+                await self.body_iterator.aclose()  # stop a generator left suspended at a yield now, not at GC
+            except RuntimeError:
+                pass
+
+
+@router.get("/jobs/{job_id}/events", responses={**error_responses(NotFound, TooManyEventStreams), 200: {
     "description": "Server-Sent Events: one `status` event per change (id = sequence number, data = JobEventOut "
-                   "JSON), ending after a terminal state. Reconnect with Last-Event-ID to resume.",
+                   "JSON), ending after a terminal state. Reconnect with Last-Event-ID to resume. An owner may hold "
+                   "`max_event_streams_per_owner` streams open per API process, and a process serves "
+                   "`max_event_streams` (429 `event_streams_limit` with Retry-After past either).",
     "content": {"text/event-stream": {"schema": {"type": "string"}}}}}, response_class=StreamingResponse)
 async def job_events(request: Request, services: ServicesDep, who: PrincipalDep, job_id: str = JobId,
                      last_event_id: Annotated[str | None, Header(max_length=20)] = None):
     after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
-    status, first = await run_in_threadpool(_poll_events, services, who.scope, job_id, after)  # 404 before streaming
+    slots = guards(services).event_streams
+    slot = slots.open(who.owner)  # before any query: a refused stream costs the database nothing (429 past a limit)
+    try:
+        status, first = await run_in_threadpool(_poll_events, services, who.scope, job_id, after)  # 404 first
+    except BaseException:
+        slot.close()
+        raise
 
     async def stream():
         nonlocal after, status
-        events, idle = first, 0.0
+        events, idle, pause = first, 0.0, SSE_POLL_S
         while True:
             for ev in events:
                 data = JobEventOut(seq=ev.seq, status=ev.status, progress=ev.progress, stage=ev.stage,
@@ -106,15 +135,16 @@ async def job_events(request: Request, services: ServicesDep, who: PrincipalDep,
             if status in TERMINAL and not events:
                 return
             if events:
-                idle = 0.0
+                idle, pause = 0.0, SSE_POLL_S
             elif idle >= SSE_KEEPALIVE_S:
                 yield ": keep-alive\n\n"
                 idle = 0.0
             if await request.is_disconnected():
                 return
-            await asyncio.sleep(SSE_POLL_S)
-            idle += SSE_POLL_S
+            await asyncio.sleep(pause)
+            idle += pause
+            pause = min(SSE_POLL_MAX_S, pause * 1.5)  # a quiet job is polled less and less often, down to 1/s
             status, events = await run_in_threadpool(_poll_events, services, who.scope, job_id, after)
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _SlotStream(stream(), slot, media_type="text/event-stream",
+                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

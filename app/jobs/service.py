@@ -66,6 +66,20 @@ def _check_dataset_fits(model_info: dict, dataset_info: dict) -> None:
             code="dataset_mismatch", detail={"model_inputs": model_inputs, "dataset_inputs": sorted(given)})
 
 
+def _check_labels_fit(model_info: dict, labels: int | None, dataset_name: str) -> None:
+    """Labels are class indices into the model's output: a dataset whose largest label is not below the number of
+    outputs would fail the job late (an index past the outputs when training, an accuracy that means nothing)."""
+    classes = admission.output_classes(model_info)
+    if classes is None or not isinstance(labels, int) or labels <= classes:
+        return
+    output = (model_info.get("outputs") or [{}])[0].get("name", "")
+    raise Unprocessable(
+        f"the labels of {dataset_name} go up to {labels - 1}, but the model's output {output!r} has {classes} "
+        f"classes (labels must be 0..{classes - 1}); use a dataset whose labels index the model's outputs",
+        code="labels_out_of_range",
+        detail={"max_label": labels - 1, "num_outputs": classes, "output": output})
+
+
 def _resolve_queue(session: Session, services: Services, device: str) -> str:
     if device == "cuda":
         return "gpu"
@@ -127,10 +141,13 @@ def _resolve_dataset(session: Session, scope: str | None, body: JobCreate, model
                      rule: MethodRule) -> tuple[str | None, str | None]:
     """(uploaded dataset id, built-in name); 422 when the job needs data and names none."""
     if body.dataset_id and body.dataset_id.startswith(BUILTIN_PREFIX):
-        return None, body.dataset_id.removeprefix(BUILTIN_PREFIX)
+        builtin = body.dataset_id.removeprefix(BUILTIN_PREFIX)
+        _check_labels_fit(model.info or {}, admission.BUILTIN_CLASSES, body.dataset_id)
+        return None, builtin
     if body.dataset_id:
         dataset = datasets.get(session, scope, body.dataset_id)
         _check_dataset_fits(model.info or {}, dataset.info or {})
+        _check_labels_fit(model.info or {}, (dataset.info or {}).get("num_classes"), f"dataset {dataset.id}")
         return dataset.id, None
     if rule.needs_dataset:
         what = f"{body.kind}/{method}"

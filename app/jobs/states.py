@@ -36,3 +36,6 @@ class ErrorCode(StrEnum):
     engine_crashed = "engine_crashed"
     cancelled = "cancelled"
     input_missing = "input_missing"
+    disk_limit = "disk_limit"
+    result_invalid = "result_invalid"  # also the engine's own code for an artifact that fails verification
+    sandbox_unavailable = "sandbox_unavailable"

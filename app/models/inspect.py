@@ -18,6 +18,8 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 
+from app.core.zipdir import zip_directory
+
 _WINDOW = 256 * 1024  # bytes read at a time when decoding ONNX
 _MAX_STRING = 4096  # longer names are truncated
 _MAX_RANK = 64
@@ -56,7 +58,7 @@ _OPSET = {1: _BYTES, 2: _VARINT}
 _GRAPH = {1: _BYTES, 5: _BYTES, 11: _BYTES, 12: _BYTES, 15: _BYTES}
 _NODE = {4: _BYTES, 5: _BYTES}
 _ATTRIBUTE = {5: _BYTES, 6: _BYTES, 10: _BYTES, 11: _BYTES, 22: _BYTES, 23: _BYTES}
-_FUNCTION = {7: _BYTES}
+_FUNCTION = {7: _BYTES, 11: _BYTES}
 _TRAINING_INFO = {1: _BYTES, 2: _BYTES}
 _TENSOR = {1: _INTS, 8: _BYTES, 13: _BYTES, 14: _VARINT}
 _SPARSE_TENSOR = {1: _BYTES, 2: _BYTES, 3: _INTS}
@@ -70,7 +72,7 @@ _DIMENSION = {1: _VARINT, 2: _BYTES}
 class ModelRejected(Exception):
     """The upload is not an acceptable model; ``code`` is machine-readable.
 
-    Codes: not_a_model, unsupported_model, unsafe_pickle, model_too_complex,
+    Codes: not_a_model, unsupported_model, unsafe_pickle, unsafe_torchscript, model_too_complex,
     external_data_not_allowed, corrupt_model.
     """
 
@@ -263,13 +265,16 @@ class _OnnxScan:
                 self.graph(value)
             elif number == 8:
                 self.opset(value)
-            elif number == 20:  # training_info: initialization and algorithm graphs
+            elif number == 20:  # training_info: initialization and algorithm graphs (3, 4: name bindings)
                 for inner, _, inner_value in wire.fields(value, _TRAINING_INFO):
-                    self.subgraph(inner_value, 1)
-            elif number == 25:  # functions: only their nodes' attributes hold tensors
+                    if inner in (1, 2):
+                        self.subgraph(inner_value, 1)
+            elif number == 25:  # functions: their nodes' attributes, and their attributes' default values
                 for inner, _, inner_value in wire.fields(value, _FUNCTION):
                     if inner == 7:
                         self.node(inner_value, 1)
+                    elif inner == 11:  # attribute_proto: a default value may be a tensor or a graph
+                        self.attribute(inner_value, 1)
 
     def opset(self, end: int) -> None:
         domain, version = "", 0
@@ -494,12 +499,8 @@ _ZIP_ERRORS = (
 
 def _inspect_zip(f, max_tensor_elements: int) -> ModelInfo:
     try:
-        # zipfile reads the whole central directory into memory: check its declared size
-        # with the same (private) helper zipfile uses to locate it.
-        end_record = zipfile._EndRecData(f)
-        if end_record is None:
-            raise zipfile.BadZipFile("no end of central directory record")
-        if end_record[zipfile._ECD_SIZE] > _MAX_ZIP_DIRECTORY:
+        # zipfile reads the whole central directory into memory: check its declared size first.
+        if zip_directory(f).size > _MAX_ZIP_DIRECTORY:
             raise _too_complex("The ZIP archive has too many entries.")
         with zipfile.ZipFile(f) as archive:
             return _inspect_archive(archive, max_tensor_elements)
@@ -532,7 +533,7 @@ def _inspect_archive(archive: zipfile.ZipFile, max_tensor_elements: int) -> Mode
     if not roots:
         raise ModelRejected("not_a_model", _NOT_A_MODEL_MESSAGE)
     _check_expansion(members)
-    root = roots[0]
+    root = _single_root(archive.namelist())
     has_code = any(name.startswith(f"{root}/code/") for name in members)
     if not has_code and f"{root}/constants.pkl" not in members:
         raise ModelRejected("unsupported_model", _PICKLE_MESSAGE)
@@ -549,6 +550,8 @@ def _inspect_archive(archive: zipfile.ZipFile, max_tensor_elements: int) -> Mode
                 )
         params += sum(numels.values())
 
+    _check_torchscript_code(archive, members, root)
+
     storage_dirs = (f"{root}/data/", f"{root}/constants/")
     tensor_count = sum(
         1 for name, info in members.items() if name.startswith(storage_dirs) and not info.is_dir()
@@ -560,6 +563,119 @@ def _inspect_archive(archive: zipfile.ZipFile, max_tensor_elements: int) -> Mode
         params=params,
         details={"archive_name": root, "tensor_count": tensor_count, "has_code": has_code},
     )
+
+
+def _member_name_problem(name: str) -> str | None:
+    if "\\" in name:
+        return "contains a backslash"
+    if "\x00" in name:
+        return "contains a NUL character"
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return "is an absolute path"
+    if any(part in (".", "..") for part in name.split("/")):
+        return "contains a '..' or '.' path component"
+    return None
+
+
+def _single_root(members: list[str]) -> str:
+    """The archive's one root folder. torch.jit.save writes every member once, as ``<root>/...``; an archive with
+    names that are not plain relative paths, with a name twice, or with members in more than one root folder (or
+    beside it), could be read by ``torch.jit.load`` from other members than those inspected here, so it is refused."""
+    seen: set[str] = set()
+    twice = next((name for name in members if name in seen or seen.add(name)), None)
+    if twice is not None:
+        raise ModelRejected(
+            "unsupported_model",
+            f"Archive member {twice[:200]!r} appears more than once; a TorchScript archive (torch.jit.save) holds "
+            "each member once, and with two the loader could read another one than was inspected.",
+            {"member": twice[:200]},
+        )
+    for name in members:
+        problem = _member_name_problem(name)
+        if problem:
+            raise ModelRejected(
+                "unsupported_model",
+                f"Archive member {name[:200]!r} {problem}; a TorchScript archive (torch.jit.save) holds only "
+                "relative paths inside one folder.",
+                {"member": name[:200]},
+            )
+    tops = sorted({name.split("/", 1)[0] for name in members})
+    loose = sorted(name for name in members if "/" not in name)
+    if len(tops) != 1 or loose:
+        shown = ", ".join(repr(t[:100]) for t in tops[:10]) + (", ..." if len(tops) > 10 else "")
+        raise ModelRejected(
+            "unsupported_model",
+            f"The archive has {len(tops)} root folders or files ({shown}); a TorchScript archive "
+            "(torch.jit.save) has exactly one root folder, and with more the loader could read another one than "
+            "was inspected.",
+            {"roots": [t[:200] for t in tops[:20]]},
+        )
+    return tops[0]
+
+
+# TorchScript code is a program: its source (``<root>/code/**.py``) is scanned for calls of operators that read or
+# write files, start processes or use the network, and for operator namespaces and C++ classes outside those that
+# ordinary (float, quantized, mobile-optimized) models use. A first, textual check that refuses such uploads
+# early; the worker checks the compiled graphs of every method (worker/engine/torch_io.py), which is authoritative.
+_DENIED_OPS = {  # name as written in the code -> operator
+    "from_file": "aten::from_file",
+    "save": "aten::save",
+    "rpc_async": "prim::rpc_async",
+    "rpc_sync": "prim::rpc_sync",
+    "rpc_remote": "prim::rpc_remote",
+    "to_here": "aten::to_here",
+    "confirmed_by_owner": "aten::confirmed_by_owner",
+    "local_value": "aten::local_value",
+    "owner_name": "aten::owner_name",
+}
+# names no ordinary model uses for anything else: refused wherever they appear; the others only as an attribute
+# (``torch.save``, ``ops.aten.save``, ``t.save`` after ``t = torch``) or a string (``getattr(torch, "save")``)
+_DISTINCTIVE_OPS = frozenset({"from_file", "rpc_async", "rpc_sync", "rpc_remote", "to_here", "confirmed_by_owner"})
+_ALLOWED_OP_NAMESPACES = frozenset({"aten", "prim", "quantized", "_quantized", "prepacked", "mkldnn_prepacked"})
+_ALLOWED_CLASS_NAMESPACES = frozenset({"quantized", "rnn", "sparse", "xnnpack", "mkldnn"})
+_MAX_CODE_BYTES = 32 * 1024 * 1024
+_CONTINUATION = re.compile(r"\\\r?\n")
+# adjacent string literals ("sa" "ve" is "save" to TorchScript's parser): the quotes between them are dropped
+_ADJACENT_LITERALS = re.compile(r"""["'](?:\s|#[^\n]*)*["']""")
+_OP_NAME = re.compile(r"""(?P<prefix>[.'"]?)\s*\b(?P<name>""" + "|".join(_DENIED_OPS) + r""")\b""")
+_OP_NAMESPACE = re.compile(r"(?<![\w.])(?:torch\s*\.\s*)?ops\s*\.\s*(?P<ns>[A-Za-z_]\w*)")
+_CLASS_NAMESPACE = re.compile(r"\btorch\s*\.\s*classes\s*\.\s*(?P<ns>[A-Za-z_]\w*)")
+
+
+def unsafe_torchscript_call(source: str) -> str | None:
+    """The first operator, operator namespace or C++ class namespace in TorchScript source that is not allowed."""
+    text = _ADJACENT_LITERALS.sub("", _CONTINUATION.sub(" ", source))
+    for match in _OP_NAME.finditer(text):
+        if match["prefix"] or match["name"] in _DISTINCTIVE_OPS:
+            return _DENIED_OPS[match["name"]]
+    for match in _OP_NAMESPACE.finditer(text):
+        if match["ns"] not in _ALLOWED_OP_NAMESPACES:
+            return f"ops.{match['ns']} (operators of the {match['ns']} namespace)"
+    for match in _CLASS_NAMESPACE.finditer(text):
+        if match["ns"] not in _ALLOWED_CLASS_NAMESPACES:
+            return f"torch.classes.{match['ns']} (C++ classes of the {match['ns']} namespace)"
+    return None
+
+
+def _check_torchscript_code(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], root: str) -> None:
+    left = _MAX_CODE_BYTES
+    for name, info in members.items():
+        if not name.startswith(f"{root}/code/") or info.is_dir() or name.endswith(".debug_pkl"):
+            continue
+        with archive.open(info) as member:
+            data = member.read(left + 1)  # bounded even if file_size lies
+        left -= len(data)
+        if left < 0:
+            raise _too_complex(f"The TorchScript code is too large (over {_MAX_CODE_BYTES} bytes).")
+        found = unsafe_torchscript_call(data.decode("utf-8", "replace"))
+        if found is not None:
+            raise ModelRejected(
+                "unsafe_torchscript",
+                f"The TorchScript code in {name[:200]!r} calls {found}, which is not allowed: uploaded TorchScript "
+                "may call only the operators ordinary models use, none that reads or writes files, starts processes "
+                "or uses the network. Export the model without such calls (or to ONNX).",
+                {"member": name[:200], "operator": found},
+            )
 
 
 def _check_expansion(members: dict[str, zipfile.ZipInfo]) -> None:

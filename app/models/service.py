@@ -7,7 +7,7 @@ from app.core.db import owner_limit_lock
 from app.core.deps import Services
 from app.core.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
 from app.core.tables import ModelLabelRow, ModelRow
-from app.core.uploads import ReceivedUpload
+from app.core.uploads import ReceivedUpload, UploadQuota
 from app.jobs import repository as jobs_repo
 from app.labels import service as labels
 from app.models import repository as repo
@@ -37,6 +37,28 @@ def check_quota(services: Services, session: Session, owner: str, incoming: int)
         raise StorageLimit(f"owner {owner!r} stores {used} bytes; {incoming} more would pass the limit of {limit}",
                            detail={"limit": "max_storage_bytes_per_owner", "value": limit, "used": used,
                                    "incoming": incoming})
+
+
+def upload_quota(services: Services, owner: str) -> UploadQuota:
+    """The owner's storage quota for an upload as it streams (receive_upload(quota=...)): refused before the body is
+    read when the owner is already at or over it, aborted as soon as stored + in-flight bytes pass it. The in-flight
+    count is per API process; check_quota, when the row is inserted, stays authoritative across processes."""
+    limit = services.settings.max_storage_bytes_per_owner
+
+    def stored() -> int:
+        with services.db.session() as session:
+            return repo.stored_bytes(session, owner)
+
+    def refuse(used: int, in_flight: int) -> StorageLimit:
+        if used >= limit:
+            message = f"owner {owner!r} stores {used} bytes, at or over the limit of {limit}; delete some first"
+        else:
+            message = (f"owner {owner!r} stores {used} bytes and is uploading {in_flight} more; that passes the "
+                       f"limit of {limit}")
+        return StorageLimit(message, detail={"limit": "max_storage_bytes_per_owner", "value": limit, "used": used,
+                                             "in_flight": in_flight})
+
+    return UploadQuota((services.settings.database_url, owner), limit, stored, refuse)
 
 
 def forget_content(services: Services, session: Session, sha256: str) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -21,6 +22,11 @@ class WorkerOut(BaseModel):
     started_at: datetime
     last_seen_at: datetime
     builtin_datasets: dict[str, bool] = {}
+    sandbox: dict[str, Any] | None = Field(None, description="The job sandbox on this worker: its mode (strict or "
+                                           "permissive), which layers it has (namespaces, landlock, seccomp, "
+                                           "rlimits, python_isolated), what its start-up self-test found, and "
+                                           "whether it runs formats whose loading runs the uploader's code "
+                                           "(TorchScript). See docs/security.md.")
 
 
 class CapabilitiesOut(BaseModel):

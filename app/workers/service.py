@@ -13,7 +13,7 @@ def _worker_out(row: WorkerRow, live: bool) -> WorkerOut:
     info = row.info or {}
     return WorkerOut(name=row.name, queues=[q for q in row.queues.split(",") if q], device=row.device, live=live,
                      started_at=row.started_at, last_seen_at=row.last_seen_at,
-                     builtin_datasets=info.get("builtin_datasets", {}))
+                     builtin_datasets=info.get("builtin_datasets", {}), sandbox=info.get("sandbox"))
 
 
 def capabilities(session: Session, live_within_s: float) -> CapabilitiesOut:

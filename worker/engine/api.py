@@ -16,7 +16,16 @@ from . import prune as _prune  # noqa: F401  (registers the prune methods)
 from . import quantize as _quantize  # noqa: F401  (registers the quantize methods)
 from .config import MethodConfig
 from .core import EngineError, JobResult, JobSpec, RunContext, checkpoint, monotonic_context, scoped_context
-from .data import Dataset, TensorSpec, batch_of, fixed_batch_size, load_job_dataset, synthetic_feeds
+from .data import (
+    Dataset,
+    TensorSpec,
+    batch_of,
+    check_labels_fit,
+    fixed_batch_size,
+    load_job_dataset,
+    output_classes,
+    synthetic_feeds,
+)
 from .measure import Evaluation, Runner, compare_models, json_safe
 from .onnx_io import OnnxModel, OnnxRunner, load_onnx_model
 from .registry import MODEL_FORMATS, Artifact, Method, PreparedJob, find_method
@@ -68,6 +77,8 @@ def _run(
     reference = _probe_baseline(baseline, sample, dataset is not None)
     if isinstance(model, TorchScriptModel):
         model = replace(model, outputs=output_specs(reference))
+        if reference and reference[0].ndim == 2:  # its output count is known only now that it has run
+            check_labels_fit(dataset, int(reference[0].shape[1]))
     job = PreparedJob(
         model=model, model_format=spec.model_format, dataset=dataset, evaluation=evaluation,
         output_format=output_format, device=ctx.device, work_dir=work_dir, scratch_dir=scratch,
@@ -167,7 +178,8 @@ def _load_inputs(spec: JobSpec, ctx: RunContext) -> tuple[OnnxModel | TorchScrip
     if spec.model_format == "onnx":
         model = load_onnx_model(spec.model_path)
         checkpoint(ctx, 0.03, "loading dataset" if has_data else "preparing sample inputs")
-        return model, load_job_dataset(spec.dataset_path, spec.builtin_dataset, model.inputs)
+        return model, load_job_dataset(spec.dataset_path, spec.builtin_dataset, model.inputs,
+                                       classes=output_classes(model.outputs))
     module = load_torchscript(spec.model_path)
     if not has_data:
         raise EngineError(

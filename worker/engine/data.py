@@ -76,8 +76,10 @@ class Dataset:
     test_source: str  # "held-out" (arrays in the file) or "seeded 80/20 split"
 
 
-def load_dataset(path: Path, inputs: tuple[TensorSpec, ...]) -> Dataset:
-    """Load and check the .npz against the model's inputs (EngineError("invalid_dataset") on any mismatch)."""
+def load_dataset(path: Path, inputs: tuple[TensorSpec, ...], classes: int | None = None) -> Dataset:
+    """Load and check the .npz against the model's inputs (EngineError("invalid_dataset") on any mismatch) and, when
+    `classes` (the model's output count) is given, its labels against it. Running out of memory is not a problem of
+    the dataset: the MemoryError goes through (the job fails with out_of_memory)."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             if not isinstance(npz, np.lib.npyio.NpzFile):
@@ -86,26 +88,61 @@ def load_dataset(path: Path, inputs: tuple[TensorSpec, ...]) -> Dataset:
             raw = sorted(key for key, value in arrays.items() if not isinstance(value, np.ndarray))
             if raw:  # NpzFile hands back the bytes of a member that is not an .npy array (e.g. a bare pickle)
                 raise EngineError("invalid_dataset", f"the .npz members {raw} are not .npy arrays")
-    except EngineError:
+    except (EngineError, MemoryError):
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise EngineError("invalid_dataset", f"cannot read the dataset: {exc}") from None
     except Exception as exc:
         raise EngineError("invalid_dataset", f"cannot read the dataset: {type(exc).__name__}: {exc}") from None
-    return dataset_from_arrays(arrays, inputs)
+    dataset = dataset_from_arrays(arrays, inputs)
+    check_labels_fit(dataset, classes)
+    return dataset
 
 
 def load_job_dataset(
-    dataset_path: Path | None, builtin_dataset: str | None, inputs: tuple[TensorSpec, ...]
+    dataset_path: Path | None, builtin_dataset: str | None, inputs: tuple[TensorSpec, ...], classes: int | None = None
 ) -> Dataset | None:
-    """The job's dataset: its .npz, or the built-in it names, or None when it has neither."""
+    """The job's dataset: its .npz, or the built-in it names, or None when it has neither. With `classes` (the
+    model's output count, `output_classes`), labels must be below it."""
     if dataset_path is not None and builtin_dataset:
         raise EngineError("invalid_dataset", "give either a dataset file or a built-in dataset, not both")
     if builtin_dataset:
-        return load_builtin_dataset(builtin_dataset, inputs)
+        dataset = load_builtin_dataset(builtin_dataset, inputs)
+        check_labels_fit(dataset, classes)
+        return dataset
     if dataset_path is not None:
-        return load_dataset(Path(dataset_path), inputs)
+        return load_dataset(Path(dataset_path), inputs, classes)
     return None
+
+
+def output_classes(outputs: tuple[TensorSpec, ...]) -> int | None:
+    """The number of classes a model's labels index: the fixed last dim of its first output when that is
+    (batch, classes); None when it is not known."""
+    if not outputs or outputs[0].shape is None or len(outputs[0].shape) != 2:
+        return None
+    classes = outputs[0].shape[1]
+    return classes if isinstance(classes, int) and classes > 0 else None
+
+
+def check_labels_fit(dataset: Dataset | None, classes: int | None) -> None:
+    """EngineError("invalid_dataset") when a label (y or y_test) is negative or not below `classes`, the model's
+    output count: training would index past its outputs, and accuracy against it would mean nothing."""
+    if dataset is None or classes is None:
+        return
+    test_key = "y_test" if dataset.test_source != "seeded 80/20 split" else "y"
+    for key, labels in (("y", dataset.train.y), (test_key, dataset.test.y)):
+        if labels is None or labels.size == 0:
+            continue
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0:
+            raise EngineError("invalid_dataset", f"{key!r} holds the negative label {low}; labels are class indices "
+                                                 f"0..{classes - 1}")
+        if high >= classes:
+            raise EngineError(
+                "invalid_dataset",
+                f"{key!r} holds the label {high} but the model has {classes} outputs: labels must be class indices "
+                f"0..{classes - 1}",
+            )
 
 
 def load_builtin_dataset(name: str, inputs: tuple[TensorSpec, ...]) -> Dataset:

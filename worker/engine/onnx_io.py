@@ -53,6 +53,8 @@ def load_onnx_model(path: Path, error_code: str = "invalid_model") -> OnnxModel:
         raise EngineError(error_code, f"cannot read the model file: {exc.strerror or exc}") from None
     try:
         proto = onnx.load(io.BytesIO(raw), load_external_data=False)
+    except MemoryError:
+        raise
     except Exception as exc:
         raise EngineError(error_code, f"not an ONNX model: {type(exc).__name__}: {exc}") from None
     external = next((t.name for t in _all_tensors(proto) if _uses_external_data(t)), None)
@@ -62,6 +64,8 @@ def load_onnx_model(path: Path, error_code: str = "invalid_model") -> OnnxModel:
         )
     try:
         onnx.checker.check_model(proto)
+    except MemoryError:
+        raise
     except Exception as exc:
         raise EngineError(error_code, f"the ONNX model is invalid: {_first_line(exc)}") from None
     initializer_names = {t.name for t in proto.graph.initializer}
@@ -85,38 +89,32 @@ def _numel(dims) -> int:
 
 
 def _uses_external_data(tensor: onnx.TensorProto) -> bool:
-    return tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
+    return tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data) > 0
 
 
 def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor in the model: initializers, sparse ones, and tensor attributes, in subgraphs and functions."""
-    yield from _graph_tensors(proto.graph)
-    for function in proto.functions:
-        for node in function.node:
-            yield from _node_tensors(node)
+    """Every TensorProto reachable from the model, wherever it sits: initializers (dense and sparse), node attributes
+    (t, tensors, sparse tensors) in the main graph and in subgraphs at any depth, local functions' nodes and their
+    attributes' default values (FunctionProto.attribute_proto), training-info graphs. Found by walking every message
+    field of the parsed model, so that no place a tensor can be put is missed."""
+    stack: list = [proto]
+    while stack:
+        message = stack.pop()
+        if isinstance(message, onnx.TensorProto):
+            yield message
+            continue
+        for field, value in message.ListFields():
+            if field.type != field.TYPE_MESSAGE:
+                continue
+            if _is_repeated(field):
+                stack.extend(value)
+            else:
+                stack.append(value)
 
 
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        yield from _node_tensors(node)
-
-
-def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
-    for attr in node.attribute:
-        if attr.HasField("t"):
-            yield attr.t
-        yield from attr.tensors
-        if attr.HasField("sparse_tensor"):
-            yield attr.sparse_tensor.values
-            yield attr.sparse_tensor.indices
-        if attr.HasField("g"):
-            yield from _graph_tensors(attr.g)
-        for graph in attr.graphs:
-            yield from _graph_tensors(graph)
+def _is_repeated(field) -> bool:
+    repeated = getattr(field, "is_repeated", None)  # protobuf >= 5; `label` before
+    return bool(repeated) if repeated is not None else field.label == field.LABEL_REPEATED
 
 
 def _tensor_spec(value: onnx.ValueInfoProto, error_code: str, strict: bool) -> TensorSpec:

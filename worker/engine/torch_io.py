@@ -1,7 +1,10 @@
 """Models as torch modules, without running any of the uploader's Python.
 
 - TorchScript uploads are loaded with `torch.jit.load` (its unpickler only rebuilds tensors; the code is TorchScript,
-  not Python), after a check that the file is a TorchScript archive.
+  not Python), after a check that the file is a TorchScript archive with one root folder whose code names no denied
+  operator; once loaded, the compiled graph of every method of every submodule (functions and methods they call
+  inlined, nested blocks and subgraphs included) must call only allowed operators (`check_torchscript_code`):
+  TorchScript code is a program, and `torch.from_file` / `torch.save` would read and write files.
 - `onnx_to_torch` turns an ONNX graph into a trainable `torch.fx.GraphModule`: real nn.Conv*/nn.Linear/
   nn.BatchNorm*/nn.Embedding modules hold the initializers (so torch-pruning's dependency graph and an optimizer see
   them) and functional torch ops do the rest. Ops it cannot convert raise EngineError("unsupported").
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import keyword
 import math
@@ -67,27 +71,242 @@ class TorchScriptModel:
 
 def load_torchscript(path: Path, error_code: str = "invalid_model") -> torch.jit.ScriptModule:
     """Load a TorchScript archive on the CPU in eval mode. Anything else (a plain pickle, a torch.export archive, a
-    damaged file) is EngineError(error_code)."""
+    damaged file, an archive with more than one root folder) is EngineError(error_code), and so is code that calls
+    an operator that is not allowed (`check_torchscript_code`)."""
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+            roots = {name.split("/", 1)[0] for name in names if name.count("/") == 1 and name.endswith("/data.pkl")}
+            if not any(any(name.startswith(f"{root}/code/") for name in names) for root in roots):
+                raise EngineError(
+                    error_code,
+                    "not a TorchScript archive (no <name>/data.pkl with <name>/code/): save the model with "
+                    "torch.jit.script(...).save() or torch.jit.trace(...).save(), or export it to ONNX",
+                )
+            _scan_code(archive, _archive_root(names, error_code), error_code)
+    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError, NotImplementedError, EOFError) as exc:
         raise EngineError(error_code, f"not a TorchScript archive: {exc}") from None
-    roots = {name.split("/", 1)[0] for name in names if name.count("/") == 1 and name.endswith("/data.pkl")}
-    if not any(any(name.startswith(f"{root}/code/") for name in names) for root in roots):
-        raise EngineError(
-            error_code,
-            "not a TorchScript archive (no <name>/data.pkl with <name>/code/): save the model with "
-            "torch.jit.script(...).save() or torch.jit.trace(...).save(), or export it to ONNX",
-        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript is deprecated; it is still the format uploaded
             module = torch.jit.load(str(path), map_location="cpu")
+    except MemoryError:
+        raise
     except Exception as exc:
         raise EngineError(error_code, f"torch.jit.load cannot load the model: {_first_line(exc)}") from None
+    check_torchscript_code(module, error_code)
     return module.eval()
+
+
+def _archive_root(names: list[str], error_code: str) -> str:
+    """The one root folder every member of the archive is in (torch.jit.load reads the first member's), each member
+    named once."""
+    if len(set(names)) != len(names):
+        raise EngineError(error_code, "the archive holds a member name more than once")
+    for name in names:
+        parts = name.split("/")
+        if "\\" in name or "\x00" in name or name.startswith("/") or ".." in parts or "." in parts:
+            raise EngineError(error_code, f"the archive member {name[:200]!r} is not a plain relative path")
+    roots = sorted({name.split("/", 1)[0] for name in names})
+    if len(roots) != 1 or any("/" not in name for name in names):
+        raise EngineError(
+            error_code,
+            f"the archive has {len(roots)} root folders or files ({', '.join(repr(r[:100]) for r in roots[:10])}); "
+            "a TorchScript archive has exactly one",
+        )
+    return roots[0]
+
+
+# --- what TorchScript code may call ----------------------------------------------------------------------------
+
+#: Operator namespaces TorchScript emits for ordinary float, quantized and mobile- or inference-optimized models.
+ALLOWED_OP_NAMESPACES = frozenset({"aten", "prim", "quantized", "_quantized", "prepacked", "mkldnn_prepacked"})
+#: Namespaces of the C++ classes (torch.classes.<namespace>.*) whose methods quantized and optimized models call.
+ALLOWED_CLASS_NAMESPACES = frozenset({"quantized", "rnn", "sparse", "xnnpack", "mkldnn"})
+#: Operators of the allowed namespaces that are denied whatever their schema says: the remote-call primitives
+#: (network), Python calls, and aten::load should it ever be registered. `denied_operators` adds those derived from
+#: the registered schemas.
+_ALWAYS_DENIED = frozenset({
+    "aten::from_file", "aten::save", "aten::load", "prim::rpc_async", "prim::rpc_sync", "prim::rpc_remote",
+    "prim::PythonOp", "prim::IgnoredPythonOp",
+})
+_FILE_ARGUMENT = re.compile(
+    r"^(f|fp|fd|file|files|filename|filenames|file_name|filepath|file_path|fname|path|paths|dir|dirname|directory"
+    r"|url|uri)$"
+)
+_STR_TYPE = re.compile(r"\bstr\b")
+_CLASS_NAMESPACE_IN_TYPE = re.compile(r"__torch__\.torch\.classes\.(\w+)\.")
+
+
+@functools.cache
+def denied_operators() -> frozenset[str]:
+    """Operators of the allowed namespaces that touch files, processes or the network: `_ALWAYS_DENIED`, every
+    registered operator with a `str` argument named like a file or path (filename, path, file, f, ...), and every one
+    that takes or returns a remote reference (RRef) or a C++ class of a namespace that is not allowed."""
+    denied = set(_ALWAYS_DENIED)
+    for schema in torch._C._jit_get_all_schemas():
+        if schema.name.split("::", 1)[0] not in ALLOWED_OP_NAMESPACES:
+            continue  # refused by namespace anyway
+        if any(_FILE_ARGUMENT.match(arg.name) and _STR_TYPE.search(str(arg.type)) for arg in schema.arguments):
+            denied.add(schema.name)
+        types = [str(arg.type) for arg in schema.arguments] + [str(ret.type) for ret in schema.returns]
+        if any("RRef" in t or _foreign_class(t) for t in types):
+            denied.add(schema.name)
+    return frozenset(denied)
+
+
+def _foreign_class(type_str: str) -> bool:
+    return any(ns not in ALLOWED_CLASS_NAMESPACES for ns in _CLASS_NAMESPACE_IN_TYPE.findall(type_str))
+
+
+def check_torchscript_code(module: torch.jit.ScriptModule, error_code: str = "invalid_model") -> None:
+    """Refuse (EngineError(error_code)) TorchScript code that calls an operator outside `ALLOWED_OP_NAMESPACES`, one
+    of `denied_operators()`, or a method of a C++ class outside `ALLOWED_CLASS_NAMESPACES`.
+
+    Checked: the compiled graph of every method (properties included) and forward (pre-)hook of every submodule,
+    with the functions and methods they call inlined, the blocks of prim::If / prim::Loop and subgraph attributes
+    (prim::fork) at any depth. A call through an interface must lead to a submodule (checked in its turn); one that
+    cannot be followed there (a TorchScript object behind an interface) is refused."""
+    denied = denied_operators()
+    checked_types: set[str] = set()
+    for name, sub in module.named_modules():
+        type_name = sub._c._type().qualified_name()
+        if type_name not in checked_types:  # modules of one type share their code
+            checked_types.add(type_name)
+            _check_module(sub._c, name or "the model", type_name, denied, error_code)
+
+
+def _check_module(obj: torch._C.ScriptModule, where: str, type_name: str, denied: frozenset[str],
+                  error_code: str) -> None:
+    functions = [(name, obj._get_method(name)) for name in obj._method_names()]
+    functions += [(f"forward hook {hook.name}", hook) for hook in obj._get_forward_hooks()]
+    functions += [(f"forward pre-hook {hook.name}", hook) for hook in obj._get_forward_pre_hooks()]
+    for method, function in functions:
+        label = f"{where} ({type_name}), method {method}"
+        graph = function.inlined_graph
+        self_value = next(iter(graph.inputs()), None)
+        stack: list[Any] = [graph]
+        while stack:
+            for node in stack.pop().nodes():
+                kind = node.kind()
+                if kind in denied:
+                    raise EngineError(
+                        error_code,
+                        f"the TorchScript code calls {kind}, which is not allowed (it can read or write files, start "
+                        f"processes or use the network); in {label}",
+                    )
+                namespace = kind.split("::", 1)[0]
+                if namespace not in ALLOWED_OP_NAMESPACES:
+                    raise EngineError(
+                        error_code,
+                        f"the TorchScript code calls {kind}, which is not allowed: operators of the {namespace} "
+                        f"namespace are not (allowed: {', '.join(sorted(ALLOWED_OP_NAMESPACES))}); in {label}",
+                    )
+                if kind == "prim::CallFunction":
+                    raise EngineError(
+                        error_code, f"the TorchScript code calls a function that cannot be checked; in {label}"
+                    )
+                if kind == "prim::CallMethod":
+                    _check_method_call(node, obj, self_value, label, error_code)
+                stack.extend(node.blocks())
+                for attribute in node.attributeNames():
+                    kind_of = node.kindOf(attribute)
+                    subgraphs = (
+                        [node.g(attribute)] if kind_of == "g" else list(node.gs(attribute)) if kind_of == "gs" else []
+                    )
+                    for subgraph in subgraphs:
+                        subgraph = subgraph.copy()
+                        torch._C._jit_pass_inline(subgraph)
+                        stack.append(subgraph)
+
+
+def _check_method_call(node, obj: torch._C.ScriptModule, self_value, label: str, error_code: str) -> None:
+    """Check a prim::CallMethod that inlining left: a method of a C++ class, or a call through an interface, which
+    must lead to a submodule (every submodule is checked in its turn)."""
+    receiver = node.inputsAt(0)
+    receiver_type = receiver.type()
+    method = node.s("name")
+    if not isinstance(receiver_type, torch._C.InterfaceType):
+        match = _CLASS_NAMESPACE_IN_TYPE.match(str(receiver_type))
+        if match and match.group(1) in ALLOWED_CLASS_NAMESPACES:
+            return
+        raise EngineError(
+            error_code, f"the TorchScript code calls {receiver_type}.{method}, which is not allowed; in {label}"
+        )
+    path: list[str] = []
+    value = receiver
+    while value.node().kind() == "prim::GetAttr":
+        path.append(value.node().s("name"))
+        value = value.node().inputsAt(0)
+    target = obj if self_value is not None and value.unique() == self_value.unique() else None
+    for attribute in reversed(path):
+        if target is None:
+            break
+        try:
+            target = target.getattr(attribute)
+        except Exception:  # e.g. a TorchScript object of a class Python does not know
+            target = None
+    if isinstance(target, torch._C.ScriptModule):
+        return
+    raise EngineError(
+        error_code,
+        f"the TorchScript code calls {method} through the interface {receiver_type}, whose implementation cannot be "
+        f"checked; in {label}",
+    )
+
+
+_DENIED_SOURCE_OPS = {  # an operator's name as TorchScript source writes it -> the operator
+    "from_file": "aten::from_file",
+    "save": "aten::save",
+    "rpc_async": "prim::rpc_async",
+    "rpc_sync": "prim::rpc_sync",
+    "rpc_remote": "prim::rpc_remote",
+    "to_here": "aten::to_here",
+    "confirmed_by_owner": "aten::confirmed_by_owner",
+    "local_value": "aten::local_value",
+    "owner_name": "aten::owner_name",
+}
+_DISTINCTIVE_SOURCE_OPS = frozenset(
+    {"from_file", "rpc_async", "rpc_sync", "rpc_remote", "to_here", "confirmed_by_owner"}
+)
+_MAX_CODE_BYTES = 32 * 1024 * 1024
+_CONTINUATION = re.compile(r"\\\r?\n")
+_ADJACENT_LITERALS = re.compile(r"""["'](?:\s|#[^\n]*)*["']""")
+_SOURCE_OP = re.compile(r"""(?P<prefix>[.'"]?)\s*\b(?P<name>""" + "|".join(_DENIED_SOURCE_OPS) + r""")\b""")
+_SOURCE_OP_NAMESPACE = re.compile(r"(?<![\w.])(?:torch\s*\.\s*)?ops\s*\.\s*(?P<ns>[A-Za-z_]\w*)")
+_SOURCE_CLASS_NAMESPACE = re.compile(r"\btorch\s*\.\s*classes\s*\.\s*(?P<ns>[A-Za-z_]\w*)")
+
+
+def _scan_code(archive: zipfile.ZipFile, root: str, error_code: str) -> None:
+    """Before torch.jit.load: the archive's TorchScript source must name no denied operator, operator namespace or
+    C++ class namespace (the same textual check as the upload's, app/models/inspect.py). torch.jit.load itself runs
+    code (a class's __setstate__), so this comes first; the graph check after loading is the authoritative one."""
+    left = _MAX_CODE_BYTES
+    for info in archive.infolist():
+        name = info.filename
+        if not name.startswith(f"{root}/code/") or info.is_dir() or name.endswith(".debug_pkl"):
+            continue
+        with archive.open(info) as member:
+            data = member.read(left + 1)
+        left -= len(data)
+        if left < 0:
+            raise EngineError(error_code, f"the TorchScript code is too large (over {_MAX_CODE_BYTES} bytes)")
+        text = _ADJACENT_LITERALS.sub("", _CONTINUATION.sub(" ", data.decode("utf-8", "replace")))
+        found = next((_DENIED_SOURCE_OPS[m["name"]] for m in _SOURCE_OP.finditer(text)
+                      if m["prefix"] or m["name"] in _DISTINCTIVE_SOURCE_OPS), None)
+        if found is None:
+            found = next((f"operators of the {m['ns']} namespace" for m in _SOURCE_OP_NAMESPACE.finditer(text)
+                          if m["ns"] not in ALLOWED_OP_NAMESPACES), None)
+        if found is None:
+            found = next((f"C++ classes of the {m['ns']} namespace" for m in _SOURCE_CLASS_NAMESPACE.finditer(text)
+                          if m["ns"] not in ALLOWED_CLASS_NAMESPACES), None)
+        if found is not None:
+            raise EngineError(
+                error_code,
+                f"the TorchScript code calls {found}, which is not allowed (it can read or write files, start "
+                f"processes or use the network); in {name[:200]}",
+            )
 
 
 def load_torchscript_model(
