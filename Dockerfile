@@ -48,8 +48,11 @@ LABEL org.opencontainers.image.title="distillery" \
       org.opencontainers.image.description="Model compression as a service: API, workers and migrations."
 
 # libgomp1: OpenMP runtime used by the numeric wheels (torch CPU, onnxruntime).
+# bubblewrap and libseccomp2: layers of the job sandbox (docs/security.md). Under Docker's default seccomp
+# profile an unprivileged container cannot create user namespaces, so bubblewrap's layer is found missing at
+# start-up and Landlock + seccomp (which need no privilege) confine the job processes; the worker says which.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgomp1 \
+    && apt-get install -y --no-install-recommends libgomp1 bubblewrap libseccomp2 \
     && rm -rf /var/lib/apt/lists/*
 
 # Non-root user with a fixed uid, so volume ownership is stable across rebuilds and hosts.
@@ -67,7 +70,9 @@ COPY worker/ ./worker/
 COPY migrations/ ./migrations/
 COPY alembic.ini ./
 # Byte-compile now: at run time /app is read-only to the non-root user.
-RUN python -m compileall -q app worker migrations
+RUN python -m compileall -q app worker migrations \
+    && echo /app > "$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/distillery-app.pth"
+# (the .pth file: job processes run `python -I`, which ignores PYTHONPATH, and still find app/ and worker/)
 
 ENV PATH="/opt/venv/bin:${PATH}" \
     PYTHONPATH=/app \

@@ -73,7 +73,7 @@ def _start_maintenance(sender=None, **_):
     from worker import childpool
 
     # The first job's process starts now, from the worker's main thread, which lives as long as the worker.
-    childpool.get_pool(settings.data_dir, settings.job_prestart, settings.job_nice).top_up()
+    childpool.get_pool(settings).top_up()
 
 
 @signals.worker_shutting_down.connect

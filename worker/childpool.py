@@ -1,11 +1,13 @@
-"""Job processes started ahead of time.
+"""Job processes, each in its own sandbox and folder, and one started ahead of time.
 
-A job runs in a fresh `python -m worker.runner` process. Importing the engine (torch, onnx, onnxruntime) takes
-1-2 s, which every job would pay before doing any work. With `job_prestart` on, the worker keeps one such process
-started ahead: it has imported the engine and waits for its job spec on stdin. A process is used for one job only,
+A job runs in a fresh `python -m worker.runner` process inside the job sandbox (worker/sandbox), in a folder of its
+own (`<data dir>/jobs/<worker pid>/<id>/`: `in/`, `work/`, `child.log`), which is removed after the job: nothing one
+job writes is seen by a later one. Importing the engine (torch, onnx, onnxruntime) takes 1-2 s, which every job
+would pay before doing any work. With `job_prestart` on, the worker keeps one such process started ahead: it has
+applied its sandbox, imported the engine and waits for its job input on stdin. A process is used for one job only,
 then a new spare is started once that job is over (not during it, so it never competes with a running job for CPU).
 
-The spare imports torch but never touches CUDA until it has its spec. It is started from a long-lived thread (the
+The spare imports torch but never touches CUDA until it has its job. It is started from a long-lived thread (the
 worker's main thread or a pool thread), because the kernel kills it when the thread that started it exits
 (PR_SET_PDEATHSIG), which is also what happens to it when the worker dies.
 
@@ -18,35 +20,44 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import threading
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.core.procs import die_with_parent
+from worker import sandbox
 
 log = logging.getLogger("distillery.worker")
+
+
+@dataclass(frozen=True)
+class ChildConfig:
+    """How job processes are started: CPU priority, the sandbox's layers and mode, limits and plugins."""
+
+    nice: int = 0
+    sandbox_mode: str = "strict"
+    disk_limit_bytes: int = 20 * 1024**3
+    plugins: tuple[str, ...] = ()
+
+    @classmethod
+    def from_settings(cls, settings) -> "ChildConfig":
+        return cls(nice=settings.job_nice, sandbox_mode=settings.job_sandbox,
+                   disk_limit_bytes=settings.job_disk_limit_bytes, plugins=tuple(settings.job_plugin_paths))
+
+    @property
+    def support(self) -> sandbox.Support:
+        return sandbox.support(self.sandbox_mode)
 
 
 @dataclass
 class Child:
     proc: subprocess.Popen
     report_fd: int  # read end of the pipe the child reports on
-    log_path: Path
+    folder: sandbox.JobFolder = field(repr=False)
 
-
-# Credentials of the object store; the worker downloads inputs and uploads artifacts, never the job's process.
-_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-
-
-def child_env() -> dict[str, str]:
-    """The job's process gets no database, broker or object-store credentials."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLERY_") and k not in _SECRET_ENV}
-    env["PYTHONUNBUFFERED"] = "1"
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+    @property
+    def log_path(self) -> Path:
+        return self.folder.log_path
 
 
 def _preexec(nice: int):
@@ -68,51 +79,54 @@ def _preexec(nice: int):
     return run
 
 
-def spawn(folder: Path, nice: int = 0) -> Child:
-    """Start a job process in `folder` at CPU priority `nice`; it imports the engine, then waits for its spec."""
-    folder.mkdir(parents=True, exist_ok=True)
+def spawn(parent: Path, config: ChildConfig) -> Child:
+    """Start a sandboxed job process in a new folder under `parent`; it imports the engine, then waits for its
+    job input."""
+    folder = sandbox.JobFolder.create(parent)
     read_fd, write_fd = os.pipe()
-    log_path = folder / f"child-{uuid.uuid4().hex[:12]}.log"
+    argv, env = sandbox.command(folder, "worker.runner", [str(write_fd)], config.support,
+                                disk_limit_bytes=config.disk_limit_bytes, plugins=list(config.plugins))
     try:
-        with open(log_path, "wb") as child_log:
-            proc = subprocess.Popen([sys.executable, "-m", "worker.runner", str(write_fd)], stdin=subprocess.PIPE,
-                                    stdout=child_log, stderr=subprocess.STDOUT, pass_fds=(write_fd,), cwd=folder,
-                                    env=child_env(), preexec_fn=_preexec(nice))
+        with open(folder.log_path, "wb") as child_log:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=child_log, stderr=subprocess.STDOUT,
+                                    pass_fds=(write_fd,), cwd=folder.work, env=env,
+                                    preexec_fn=_preexec(config.nice))
     except BaseException:
         os.close(read_fd)
+        folder.remove()
         raise
     finally:
         os.close(write_fd)
-    return Child(proc, read_fd, log_path)
+    return Child(proc, read_fd, folder)
 
 
 def discard(child: Child) -> None:
     if child.proc.poll() is None:
         child.proc.kill()
         child.proc.wait()
-    os.close(child.report_fd)
-    child.log_path.unlink(missing_ok=True)
+    try:
+        os.close(child.report_fd)
+    except OSError:
+        pass
+    child.folder.remove()
 
 
 class ChildPool:
-    """At most `size` spare job processes, kept in `folder`, started at CPU priority `nice`."""
+    """At most `size` spare job processes, kept under `folder`."""
 
-    def __init__(self, folder: Path, size: int, nice: int = 0):
-        self.folder, self.size, self.nice = folder, size, nice
+    def __init__(self, folder: Path, size: int, config: ChildConfig | None = None):
+        self.folder, self.size, self.config = folder, size, config or ChildConfig()
         self._spares: list[Child] = []
         self._lock = threading.Lock()
 
-    def take(self, work_dir: Path) -> Child:
-        """A spare that is still alive (its log moved into work_dir), else a freshly started process."""
+    def take(self) -> Child:
+        """A spare that is still alive, else a freshly started process."""
         while True:
             with self._lock:
                 child = self._spares.pop() if self._spares else None
             if child is None:
-                return spawn(work_dir, self.nice)
+                return spawn(self.folder, self.config)
             if child.proc.poll() is None:
-                moved = work_dir / child.log_path.name
-                os.replace(child.log_path, moved)
-                child.log_path = moved
                 return child
             log.warning("a spare job process had exited (code %s); starting another", child.proc.returncode)
             discard(child)
@@ -124,7 +138,7 @@ class ChildPool:
                 if len(self._spares) >= self.size:
                     return
             try:
-                child = spawn(self.folder, self.nice)
+                child = spawn(self.folder, self.config)
             except OSError as exc:
                 log.warning("could not start a spare job process: %s", exc)
                 return
@@ -142,14 +156,15 @@ _pool: ChildPool | None = None
 _pool_lock = threading.Lock()
 
 
-def get_pool(data_dir: Path, enabled: bool, nice: int = 0) -> ChildPool:
-    """This process's pool, in `<data dir>/prestart/<pid>`; folders left by dead workers are removed."""
+def get_pool(settings) -> ChildPool:
+    """This process's pool, in `<data dir>/jobs/<pid>`; folders left by dead workers are removed."""
     global _pool
     with _pool_lock:
         if _pool is None:
-            root = data_dir / "prestart"
+            root = settings.data_dir / "jobs"
             _sweep(root)
-            _pool = ChildPool(root / str(os.getpid()), 1 if enabled else 0, nice)
+            _pool = ChildPool(root / str(os.getpid()), 1 if settings.job_prestart else 0,
+                              ChildConfig.from_settings(settings))
         return _pool
 
 

@@ -23,7 +23,9 @@ from app.core.tables import JobRow, WorkerRow
 from app.jobs import repository as repo
 from app.jobs.states import ErrorCode
 from app.webhooks.delivery import WebhookDeliverer
+from worker import childpool
 from worker.runtime import Runtime, get_runtime
+from worker.sandbox import UNTRUSTED_FORMATS
 
 log = logging.getLogger("distillery.reaper")
 _stop = threading.Event()
@@ -67,10 +69,24 @@ def probe_capabilities() -> dict:
     return {}
 
 
+def sandbox_info(rt: Runtime) -> dict:
+    """The job sandbox's layers here (tried and self-tested once per process), logged at start-up."""
+    support = childpool.get_pool(rt.settings).config.support
+    if support.runs_untrusted and support.confined:
+        log.info("%s", support.summary())
+    else:
+        log.warning("%s", support.summary())
+    return support.describe()
+
+
 def register_worker(rt: Runtime, name: str) -> None:
     queues = ",".join(resolve_queues(rt.settings.worker_queues))
     info = probe_capabilities()
     info["job_memory_limit_bytes"] = rt.settings.job_memory_limit_bytes  # the API admits jobs that fit it
+    info["sandbox"] = sandbox_info(rt)
+    if not info["sandbox"]["runs_untrusted_formats"]:  # what this worker refuses is not offered
+        for method in info.get("methods", []):
+            method["input_formats"] = [f for f in method.get("input_formats", []) if f not in UNTRUSTED_FORMATS]
     device = info.get("device") or ("cuda" if "gpu" in queues else "cpu")
 
     def upsert(session):

@@ -1,66 +1,138 @@
-"""The job's own process: `python -m worker.runner REPORT_FD`, the spec as JSON on stdin (read once the engine
-is imported).
+"""The job's own process: `python -I -B -u -m worker.runner PLAN REPORT_FD`, started by the worker inside the job
+sandbox (worker/sandbox), its `JobInput` as JSON on stdin (read once the engine is imported).
 
-It has no database or broker credentials; it reports JSON lines on REPORT_FD: progress, device, then one
-result or error. CUDA is first touched here, in a fresh interpreter, never in the worker.
+In this order, so that nothing of the upload is read before every layer holds:
+1. resource limits and Landlock, while the process has one thread (`sandbox.confine`);
+2. the engine (torch, onnx, onnxruntime) and any configured plugins are imported;
+3. the system-call filter (`sandbox.confine_syscalls`);
+4. the job input is read from stdin (a worker may start this process ahead of its job: worker/childpool.py), the
+   job runs, and its artifact is moved to the one name the worker reads (`work/artifact`).
+
+It has no database, broker or object-store credentials; it reports JSON lines on REPORT_FD (worker/protocol.py):
+device, progress, then one result or error. CUDA is first touched here, in a fresh interpreter, never in the worker.
 """
 from __future__ import annotations
 
-import json
+import faulthandler
 import os
+import signal
 import sys
+import time
 from pathlib import Path
+
+from worker import protocol, sandbox
+
+PROGRESS_MIN_INTERVAL_S = 0.1
+
+
+class _Reporter:
+    def __init__(self, fd: int):
+        self.report = os.fdopen(fd, "w", buffering=1, encoding="utf-8")
+        self.last_progress = (0.0, "")
+        self.last_progress_at = 0.0
+
+    def emit(self, msg) -> None:
+        self.report.write(protocol.encode(msg))
+        self.report.flush()
+
+    def error(self, code: str, message: str, transient: bool = False) -> None:
+        self.emit(protocol.Failure(type="error", code=code, message=message[:4000], transient=transient))
+
+    def progress(self, p: float, stage: str) -> None:
+        """At most a few lines a second: the latest progress, and every change of stage."""
+        now = time.monotonic()
+        stage = str(stage)[:300]
+        if stage == self.last_progress[1] and p < 1.0 and now - self.last_progress_at < PROGRESS_MIN_INTERVAL_S:
+            return
+        self.last_progress, self.last_progress_at = (p, stage), now
+        self.emit(protocol.Progress(type="progress", progress=min(max(float(p), 0.0), 1.0), stage=stage))
 
 
 def main(argv: list[str]) -> int:
-    report = os.fdopen(int(argv[1]), "w", buffering=1, encoding="utf-8")
-
-    def emit(**msg) -> None:
-        report.write(json.dumps(msg, allow_nan=False) + "\n")
-        report.flush()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the worker asks for the stacks of a job it kills
+    plan = sandbox.Plan.from_json(argv[1])
+    try:
+        applied = sandbox.confine(plan)
+    except Exception as exc:  # noqa: BLE001 - never run a job without a planned layer
+        _Reporter(int(argv[2])).error("sandbox_unavailable", f"the job sandbox could not be applied: {exc}")
+        return 71
+    out = _Reporter(int(argv[2]))
 
     # Import first, then wait for the spec: a worker may start this process ahead of its job (worker/childpool.py).
     try:
-        from worker.engine import EngineError, JobSpec, RunContext, run_job
+        import worker.engine as engine
+        from worker.engine import EngineError, JobSpec, RunContext
+        from worker.plugins import load_plugins
+
+        load_plugins(plan.plugins)  # after the engine: a plugin may register methods or wrap engine.run_job
     except Exception as exc:  # noqa: BLE001 - a broken install is the worker's problem, not the job's
-        emit(type="error", code="engine_unavailable", message=f"the engine could not be imported: {exc}",
-             transient=True)
+        out.error("engine_unavailable", f"the engine could not be imported: {exc}", transient=True)
         return 75
-    raw = sys.stdin.read()
+    try:
+        sandbox.confine_syscalls(plan, applied)
+    except Exception as exc:  # noqa: BLE001
+        out.error("sandbox_unavailable", f"the job sandbox could not be applied: {exc}")
+        return 71
+    raw = sys.stdin.buffer.read(protocol.MAX_INPUT_BYTES + 1)
     if not raw:  # the worker discarded this spare process
         return 0
-    spec = json.loads(raw)
+    job_input = protocol.JobInput.model_validate_json(raw)
     from app.core.logs import setup_child_logging
 
-    setup_child_logging(spec.get("log"))  # the worker's log format, with the job id on every line
-    os.chdir(spec["work_dir"])
-    device = _resolve_device(spec.get("device", "auto"))
+    setup_child_logging(job_input.log)  # the worker's log format, with the job id on every line
+    folder = sandbox.JobFolder(Path(plan.folder))
+    device = _resolve_device(job_input.device)
     if device is None:
-        emit(type="error", code="cuda_unavailable", message="the job asked for device 'cuda' but this worker "
-             "has no usable CUDA device")
+        out.error("cuda_unavailable", "the job asked for device 'cuda' but this worker has no usable CUDA device")
         return 3
-    emit(type="device", device=device)
-    ctx = RunContext(device=device.split(":")[0], work_dir=Path(spec["work_dir"]),
-                     progress=lambda p, stage: emit(type="progress", progress=float(p), stage=str(stage)))
-    job = JobSpec(kind=spec["kind"], model_path=Path(spec["model_path"]), model_format=spec["model_format"],
-                  dataset_path=Path(spec["dataset_path"]) if spec.get("dataset_path") else None,
-                  config=spec.get("config") or {}, builtin_dataset=spec.get("builtin_dataset"),
-                  student_model_path=Path(spec["student_model_path"]) if spec.get("student_model_path") else None,
-                  student_model_format=spec.get("student_model_format"))
+    out.emit(protocol.Device(type="device", device=device))
+    ctx = RunContext(device=device.split(":")[0], work_dir=folder.work, progress=out.progress)
+    job = JobSpec(kind=job_input.kind, model_path=Path(job_input.model_path), model_format=job_input.model_format,
+                  dataset_path=Path(job_input.dataset_path) if job_input.dataset_path else None,
+                  config=job_input.config, builtin_dataset=job_input.builtin_dataset,
+                  student_model_path=Path(job_input.student_model_path) if job_input.student_model_path else None,
+                  student_model_format=job_input.student_model_format)
     try:
-        result = run_job(job, ctx)
-    except EngineError as exc:
-        emit(type="error", code=exc.code, message=exc.message)
-        return 3
-    except MemoryError:
-        emit(type="error", code="out_of_memory", message="the job ran out of memory")
-        return 4
+        result = engine.run_job(job, ctx)
+        artifact = Path(result.artifact_path)
+        if artifact.parent.resolve() != folder.work.resolve():
+            raise RuntimeError(f"the engine wrote its artifact outside the work folder: {artifact}")
+        os.replace(artifact, folder.work / sandbox.ARTIFACT_NAME)
+        message = protocol.Result(type="result", artifact_format=result.artifact_format, metrics=result.metrics)
     except Exception as exc:  # noqa: BLE001 - an engine bug: fail the job with the message, no traceback leak
-        emit(type="error", code="engine_error", message=f"{type(exc).__name__}: {exc}"[:2000])
+        if _out_of_memory(exc):
+            out.error("out_of_memory", f"the job ran out of memory: {_first_line(_out_of_memory(exc))}")
+            return 4
+        if isinstance(exc, EngineError):
+            out.error(exc.code, exc.message)
+            return 3
+        out.error("engine_error", f"{type(exc).__name__}: {exc}"[:2000])
         return 5
-    emit(type="result", artifact_path=str(result.artifact_path), artifact_format=result.artifact_format,
-         metrics=result.metrics)
+    except MemoryError as exc:
+        out.error("out_of_memory", f"the job ran out of memory: {_first_line(exc)}")
+        return 4
+    out.emit(message)
     return 0
+
+
+def _out_of_memory(exc: BaseException | None) -> BaseException | None:
+    """The allocation failure behind `exc` (itself, or what it was raised from or while handling), if any: numpy's
+    MemoryError, torch's OutOfMemoryError, or the CPU allocator's RuntimeError. However a step wrapped it (an
+    EngineError saying the dataset or model is bad), running out of memory is what happened."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+                isinstance(exc, RuntimeError) and ("not enough memory" in str(exc) or "allocate" in str(exc)
+                                                   and "memory" in str(exc))):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
 
 
 def _resolve_device(requested: str) -> str | None:
@@ -71,7 +143,7 @@ def _resolve_device(requested: str) -> str | None:
         import torch
 
         if torch.cuda.is_available():
-            return f"cuda:0 ({torch.cuda.get_device_name(0)})"
+            return f"cuda:0 ({torch.cuda.get_device_name(0)[:150]})"
     except Exception:  # noqa: BLE001
         pass
     return None if requested == "cuda" else "cpu"

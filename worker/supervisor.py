@@ -1,22 +1,27 @@
-"""Claim a job, run it in a supervised child process, record progress and the outcome.
+"""Claim a job, run it in a supervised, sandboxed child process, record progress and the outcome.
 
-The child (`python -m worker.runner`) gets the model path and config on stdin and no database or broker
-credentials; it reports progress as JSON lines on a pipe. The supervisor enforces the time and memory limits,
-heartbeats the job row, honours cancellation, and writes artifact + metrics + `succeeded` in one commit.
+The child (`python -m worker.runner`, inside the job sandbox: worker/sandbox) gets its inputs as read-only files in
+its folder's `in/`, the job on stdin, and no database, broker or object-store credentials; it reports JSON lines on
+a pipe (worker/protocol.py). The child is untrusted: the supervisor bounds and validates every line, reads the
+artifact only from the one fixed name in the child's work folder (no link followed, a regular file within the disk
+limit), and fails the job `result_invalid` with a security event in the log when the child breaks the protocol. It
+enforces the time, memory and disk limits, heartbeats the job row, honours cancellation, and writes artifact +
+metrics + `succeeded` in one commit.
 """
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import os
 import queue
-import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import psutil
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -27,7 +32,7 @@ from app.core.storage import ContentCorrupt, StorageUnavailable
 from app.core.tables import ArtifactRow, DatasetRow, JobRow, ModelRow
 from app.jobs import repository as repo
 from app.jobs.states import ErrorCode, JobStatus
-from worker import childpool
+from worker import childpool, protocol, sandbox
 from worker.runtime import Runtime
 
 log = logging.getLogger("distillery.worker")
@@ -37,13 +42,18 @@ KILL_GRACE_S = 3.0
 TRANSIENT_EXIT = 75  # EX_TEMPFAIL: the child hit a transient error; the job may be retried
 
 
+#: Files and folders a job's work folder may hold (the disk check walks them).
+MAX_WORK_ENTRIES = 100_000
+
+
 @dataclass
 class Outcome:
     kind: str  # "result" | "error" | "crash" | "killed"
     code: str = ""
     message: str = ""
-    result: dict = field(default_factory=dict)
+    result: protocol.Result | None = None
     transient: bool = False
+    artifact: BinaryIO | None = field(default=None, repr=False)  # the checked artifact, open (kind "result")
 
 
 # How long a finished job's outcome (artifact row + metrics + succeeded, or its failure) is retried while the
@@ -101,7 +111,22 @@ def _run_job(rt: Runtime, job_id: str, worker_name: str) -> str:
     if isinstance(inputs, Outcome):
         return _record(rt, job, attempt, inputs, {})
     provenance = inputs.pop("provenance")
-    return _record(rt, job, attempt, _supervise(rt, job, attempt, inputs), provenance)
+    pool = childpool.get_pool(rt.settings)
+    refusal = next(filter(None, (pool.config.support.refusal(fmt) for fmt in (
+        inputs["model_format"], inputs["student_model_format"]) if fmt)), None)
+    if refusal is not None:
+        return _record(rt, job, attempt, Outcome("error", ErrorCode.sandbox_unavailable, refusal), provenance)
+    child = pool.take()
+    try:
+        outcome = _supervise(rt, job, attempt, inputs, child)
+        try:
+            return _record(rt, job, attempt, outcome, provenance)
+        finally:
+            if outcome.artifact is not None:
+                outcome.artifact.close()
+    finally:
+        child.folder.remove()
+        pool.top_up()  # the next job's process starts now that this one is over
 
 
 def _claim(session, job_id: str, worker_name: str) -> JobRow | None:
@@ -147,22 +172,32 @@ def _fetch_inputs(rt: Runtime, spec: dict) -> dict | Outcome:
     return spec
 
 
-def _reader(fd: int, out: queue.Queue) -> None:
-    with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                out.put(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    out.put(None)
-
-
 def _rss_tree(pid: int) -> int:
     try:
         proc = psutil.Process(pid)
         return proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
     except psutil.Error:
         return 0
+
+
+def _dump_stacks(proc: subprocess.Popen, job: JobRow, folder: sandbox.JobFolder) -> None:
+    """Before a job is killed for its time: its Python stacks (the runner dumps them on SIGUSR1 into its log),
+    logged for the operator, so that a job that hangs says where."""
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        runner = next((p for p in procs if p.name() != "bwrap" and "worker.runner" in " ".join(p.cmdline())), None)
+        if runner is None:
+            return
+        size = folder.log_path.stat().st_size if folder.log_path.exists() else 0
+        runner.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
+        with open(folder.log_path, "rb") as f:
+            f.seek(size)
+            stacks = f.read(20_000).decode(errors="replace")
+        log.warning("job %s: over its time limit; its stacks:\n%s", job.id,
+                    "\n".join(f"  | {line}" for line in stacks.splitlines()))
+    except (psutil.Error, OSError):
+        pass
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -179,39 +214,116 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _supervise(rt: Runtime, job: JobRow, attempt: int, spec: dict) -> Outcome:
+_INPUT_NAMES = {"model_path": "model", "dataset_path": "dataset.npz", "student_model_path": "student_model"}
+
+
+def _supervise(rt: Runtime, job: JobRow, attempt: int, spec: dict, child: childpool.Child) -> Outcome:
     settings = rt.settings
-    work_dir = settings.data_dir / "work" / f"{job.id}-{attempt}"
-    shutil.rmtree(work_dir, ignore_errors=True)
-    work_dir.mkdir(parents=True)
-    spec["work_dir"] = str(work_dir)
+    proc, folder = child.proc, child.folder
+    for key, name in _INPUT_NAMES.items():  # read-only to the child: hard links (or copies) in its in/
+        if spec.get(key):
+            spec[key] = str(folder.place_input(name, Path(spec[key])))
     spec["log"] = child_log_spec(settings.log_format, settings.log_level, job.id)
-    pool = childpool.get_pool(settings.data_dir, settings.job_prestart, settings.job_nice)
-    child = pool.take(work_dir)
-    proc, log_path = child.proc, child.log_path
+    job_input = protocol.JobInput(**{k: v for k, v in spec.items() if k in protocol.JobInput.model_fields})
     reports: queue.Queue = queue.Queue()
-    threading.Thread(target=_reader, args=(child.report_fd, reports), daemon=True).start()
+    threading.Thread(target=protocol.ReportReader(child.report_fd, reports).run, daemon=True).start()
     try:
-        proc.stdin.write(json.dumps(spec).encode())
+        proc.stdin.write(job_input.model_dump_json().encode())
         proc.stdin.close()
     except BrokenPipeError:
         pass
     try:
-        outcome = _Watch(rt, job, attempt, proc, reports).run()
+        outcome = _Watch(rt, job, attempt, proc, reports, folder).run()
     finally:
         _kill(proc)  # a child that outlived its outcome (lost claim) must not keep running
+    if outcome.kind == "result":
+        outcome = _checked_result(rt, job, outcome, proc.returncode, folder)
     if outcome.kind == "crash":
-        tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
-        log.warning("job %s: child crashed: %s\n%s", job.id, outcome.message, tail)
-    pool.top_up()  # the next job's process starts now that this one is over
+        tail = folder.log_path.read_text(errors="replace")[-2000:] if folder.log_path.exists() else ""
+        log.warning("job %s: child crashed: %s\n%s", job.id, outcome.message,
+                    "\n".join(f"  | {line}" for line in tail.splitlines()))
     return outcome
+
+
+def security_event(job: JobRow, message: str) -> None:
+    """A job process broke the rules: logged for the operator with the job and its owner."""
+    log.warning("security event: job %s of owner %s: %s", job.id, job.owner, message,
+                extra={"security_event": True, "owner": job.owner})
+
+
+def _checked_result(rt: Runtime, job: JobRow, outcome: Outcome, returncode: int | None,
+                    folder: sandbox.JobFolder) -> Outcome:
+    """The child's claimed result, once the worker itself has checked it: a clean exit, and an artifact at the one
+    fixed name in its work folder (not followed through a link, a regular file with no other name, within the disk
+    limit). The child is dead by now, so the file cannot change under the check."""
+    if returncode != 0:
+        return _violation(job, f"the job process reported a result, then exited with code {returncode}")
+    try:
+        outcome.artifact = open_artifact(folder, rt.settings.job_disk_limit_bytes)
+    except ValueError as exc:
+        return _violation(job, str(exc))
+    return outcome
+
+
+def _violation(job: JobRow, message: str) -> Outcome:
+    security_event(job, message)
+    return Outcome("error", ErrorCode.result_invalid, message)
+
+
+def open_artifact(folder: sandbox.JobFolder, max_bytes: int) -> BinaryIO:
+    """The artifact, open for reading; ValueError saying what is wrong with it."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    dir_fd = os.open(folder.work, flags | os.O_DIRECTORY)
+    try:
+        fd = os.open(sandbox.ARTIFACT_NAME, flags | os.O_NONBLOCK, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise ValueError("the job process reported a result but wrote no artifact") from None
+    except OSError as exc:
+        raise ValueError(f"the artifact cannot be opened safely ({exc.strerror}; a symbolic link?)") from None
+    finally:
+        os.close(dir_fd)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        problem = "the artifact is not a regular file"
+    elif st.st_nlink != 1:
+        problem = "the artifact has other names (hard links)"
+    elif st.st_size > max_bytes:
+        problem = f"the artifact is larger than the disk limit of {max_bytes} bytes"
+    elif st.st_size == 0:
+        problem = "the artifact is empty"
+    else:
+        return os.fdopen(fd, "rb")
+    os.close(fd)
+    raise ValueError(problem)
+
+
+def _usage(root: Path) -> tuple[int, int]:
+    """(bytes allocated, entries) under `root`, links not followed; stops counting past MAX_WORK_ENTRIES."""
+    used, entries, stack = 0, 0, [root]
+    while stack and entries <= MAX_WORK_ENTRIES:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    entries += 1
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    used += st.st_blocks * 512
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(Path(entry.path))
+        except OSError:
+            continue
+    return used, entries
 
 
 class _Watch:
     """Follows one child process: its reports, its limits, the job's heartbeat and cancellation."""
 
-    def __init__(self, rt: Runtime, job: JobRow, attempt: int, proc: subprocess.Popen, reports: queue.Queue):
+    def __init__(self, rt: Runtime, job: JobRow, attempt: int, proc: subprocess.Popen, reports: queue.Queue,
+                 folder: sandbox.JobFolder):
         self.rt, self.job, self.attempt, self.proc, self.reports = rt, job, attempt, proc, reports
+        self.folder = folder
         self.deadline = time.monotonic() + rt.settings.job_time_limit_s
         self.next_beat = 0.0
         self.last_progress_at = 0.0
@@ -219,21 +331,22 @@ class _Watch:
         self.final: Outcome | None = None
         self.eof = False
 
-    def handle(self, msg: dict | None) -> None:
+    def handle(self, msg) -> None:
         if msg is None:
             self.eof = True
-            return
-        kind = msg.get("type")
-        if kind == "progress":
-            self.pending = (float(msg.get("progress", 0.0)), str(msg.get("stage", "")))
-        elif kind == "device":
-            device = str(msg.get("device", ""))
-            _safe_db(self.rt, lambda s: repo.set_device(s, self.job.id, device))
-        elif kind == "result":
+        elif isinstance(msg, protocol.Violation):
+            if self.final is None or self.final.code != ErrorCode.result_invalid:
+                self.final = _violation(self.job, str(msg))
+        elif self.final is not None and self.final.code == ErrorCode.result_invalid:
+            return  # after a violation nothing the child says counts
+        elif isinstance(msg, protocol.Progress):
+            self.pending = (msg.progress, msg.stage)
+        elif isinstance(msg, protocol.Device):
+            _safe_db(self.rt, lambda s: repo.set_device(s, self.job.id, msg.device))
+        elif isinstance(msg, protocol.Result):
             self.final = Outcome("result", result=msg)
-        elif kind == "error":
-            self.final = Outcome("error", str(msg.get("code", "engine_error")), str(msg.get("message", "")),
-                                 transient=bool(msg.get("transient")))
+        elif isinstance(msg, protocol.Failure):
+            self.final = Outcome("error", msg.recorded_code(), msg.message, transient=msg.recorded_transient())
 
     def flush_progress(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -251,6 +364,8 @@ class _Watch:
         self.flush_progress(force=True)
         if self.final is not None:
             return self.final
+        if self.proc.returncode == 71:  # the sandbox could not be applied (its message was lost)
+            return Outcome("error", ErrorCode.sandbox_unavailable, "the job sandbox could not be applied")
         rc = self.proc.returncode
         if rc == -signal.SIGKILL:
             return Outcome("crash", ErrorCode.out_of_memory,
@@ -262,6 +377,7 @@ class _Watch:
         """Limits, heartbeat and cancellation; an Outcome when the child had to be stopped."""
         settings, now = self.rt.settings, time.monotonic()
         if now > self.deadline:
+            _dump_stacks(self.proc, self.job, self.folder)
             _kill(self.proc)
             return Outcome("killed", ErrorCode.timeout,
                            f"the job exceeded its time limit of {settings.job_time_limit_s:g} s")
@@ -273,6 +389,12 @@ class _Watch:
         if now < self.next_beat:
             return None
         self.next_beat = now + settings.heartbeat_interval_s
+        used, entries = _usage(self.folder.work)
+        if used > settings.job_disk_limit_bytes or entries > MAX_WORK_ENTRIES:
+            _kill(self.proc)
+            return Outcome("killed", ErrorCode.disk_limit,
+                           f"the job wrote {used} bytes in {entries} files, over its disk limit of "
+                           f"{settings.job_disk_limit_bytes} bytes or {MAX_WORK_ENTRIES} files")
         beat = _safe_db(self.rt, lambda s: repo.heartbeat(s, self.job.id, self.attempt))
         if beat is None:  # database down: keep running, try again next beat
             return None
@@ -294,6 +416,9 @@ class _Watch:
             self.flush_progress()
             if self.proc.poll() is not None:
                 return self.exited()
+            if self.final is not None and self.final.code == ErrorCode.result_invalid:
+                _kill(self.proc)
+                return self.final
             stopped = self.check()
             if stopped is not None:
                 return stopped
@@ -314,35 +439,48 @@ def _safe_db(rt: Runtime, fn):
 
 
 def _record(rt: Runtime, job: JobRow, attempt: int, outcome: Outcome, provenance: dict) -> str:
-    work_dir = rt.settings.data_dir / "work" / f"{job.id}-{attempt}"
+    if outcome.code == "lost_claim":
+        return "lost"
+    if outcome.kind == "result":
+        return _record_success(rt, job, attempt, outcome, provenance)
+    if outcome.code == ErrorCode.cancelled:
+        _with_db_retry(rt, lambda s: repo.fail(s, job.id, ErrorCode.cancelled, outcome.message, attempt=attempt,
+                                               status=JobStatus.cancelled), patience_s=RECORD_PATIENCE_S)
+        return "cancelled"
+    if outcome.transient and attempt < job.max_attempts:
+        requeued = _with_db_retry(rt, lambda s: repo.requeue(s, job.id, attempt=attempt, reason=outcome.message),
+                                  patience_s=RECORD_PATIENCE_S)
+        if requeued is not None:
+            send_run_job(rt.celery, job.id, job.queue)
+        return "requeued"
+    _with_db_retry(rt, lambda s: repo.fail(s, job.id, outcome.code, outcome.message, attempt=attempt),
+                   patience_s=RECORD_PATIENCE_S)
+    return "failed"
+
+
+def store_artifact(storage, f: BinaryIO) -> tuple[str, int]:
+    """Copy the open, checked artifact into the store (hashing as it goes); (sha256, size)."""
+    h, n = hashlib.sha256(), 0
+    out, temp = storage.new_temp()
     try:
-        if outcome.code == "lost_claim":
-            return "lost"
-        if outcome.kind == "result":
-            return _record_success(rt, job, attempt, outcome.result, provenance)
-        if outcome.code == ErrorCode.cancelled:
-            _with_db_retry(rt, lambda s: repo.fail(s, job.id, ErrorCode.cancelled, outcome.message, attempt=attempt,
-                                                   status=JobStatus.cancelled), patience_s=RECORD_PATIENCE_S)
-            return "cancelled"
-        if outcome.transient and attempt < job.max_attempts:
-            requeued = _with_db_retry(rt, lambda s: repo.requeue(s, job.id, attempt=attempt, reason=outcome.message),
-                                      patience_s=RECORD_PATIENCE_S)
-            if requeued is not None:
-                send_run_job(rt.celery, job.id, job.queue)
-            return "requeued"
-        _with_db_retry(rt, lambda s: repo.fail(s, job.id, outcome.code, outcome.message, attempt=attempt),
-                       patience_s=RECORD_PATIENCE_S)
-        return "failed"
+        with out:
+            while chunk := f.read(1024 * 1024):
+                h.update(chunk)
+                out.write(chunk)
+                n += len(chunk)
+        digest = h.hexdigest()
+        storage.commit_temp(temp, digest)
+        return digest, n
     finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        Path(temp).unlink(missing_ok=True)
 
 
-def _record_success(rt: Runtime, job: JobRow, attempt: int, result: dict, provenance: dict) -> str:
+def _record_success(rt: Runtime, job: JobRow, attempt: int, outcome: Outcome, provenance: dict) -> str:
     """Store the artifact, then artifact row + metrics + succeeded in one commit. The metrics carry the sha256 of
     every input and of the artifact, beside the library versions the engine reports, so a result can be traced."""
-    path = Path(result["artifact_path"])
-    sha, size = rt.storage.put_file(path)
-    fmt = str(result.get("artifact_format", "onnx"))
+    result = outcome.result
+    sha, size = store_artifact(rt.storage, outcome.artifact)
+    fmt = result.artifact_format
 
     def commit(session):
         model = session.get(ModelRow, job.model_id)
@@ -350,7 +488,7 @@ def _record_success(rt: Runtime, job: JobRow, attempt: int, result: dict, proven
         method = (job.config or {}).get("method", job.kind)
         artifact = ArtifactRow(owner=job.owner, job_id=job.id, format=fmt, size_bytes=size, sha256=sha,
                                filename=f"{stem}.{method}.{'onnx' if fmt == 'onnx' else 'pt'}")
-        metrics = {**result.get("metrics", {}), "provenance": {**provenance, "artifact_sha256": sha}}
+        metrics = {**result.metrics, "provenance": {**provenance, "artifact_sha256": sha}}
         return repo.succeed(session, job.id, attempt, artifact, metrics)
 
     done = _with_db_retry(rt, commit, patience_s=RECORD_PATIENCE_S)

@@ -37,7 +37,7 @@ def test_sigkilled_worker_job_finishes_on_another(api, stack, start_worker):
     b = start_worker(stack, "b@test")
     job, events = wait_terminal(api, job["id"], timeout=300)
     assert job["status"] == "succeeded", job
-    assert job["attempts"] == 2 and job["worker"] == b.name
+    assert job["attempts"] == 2 and job["worker"] == b.name, events
     statuses = [e["status"] for e in events]
     # running -> queued (re-queued by the reaper) -> running -> succeeded: never two runs at once
     first_requeue = statuses.index("queued", 1)
