@@ -188,6 +188,18 @@ def test_workers_consume_their_queues(services):
         assert queue in QUEUES, f"queue {queue!r} is not in app.core.broker.QUEUES {QUEUES}"
 
 
+def test_plain_up_runs_on_a_host_without_a_gpu(services):
+    """`docker compose up` must work without the NVIDIA runtime: only services in the `gpu` profile reserve GPUs,
+    and everything else (a CPU worker included) starts without a profile."""
+    for name, svc in services.items():
+        devices = (svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices") or [])
+        if devices:
+            assert "gpu" in (svc.get("profiles") or []), f"{name} reserves a GPU but is not in the `gpu` profile"
+        else:
+            assert not svc.get("profiles"), f"{name} needs no GPU but only starts with profiles {svc['profiles']}"
+    assert "worker-cpu" in services and not services["worker-cpu"].get("profiles")
+
+
 def test_gpu_worker_reserves_an_nvidia_gpu(services):
     devices = (services["worker-gpu"].get("deploy", {}).get("resources", {})
                .get("reservations", {}).get("devices") or [])
