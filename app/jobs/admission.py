@@ -239,3 +239,130 @@ def _student_name(student: dict) -> str:
 
 def _fmt(n: int) -> str:
     return f"{n} bytes ({n / 1024**3:.2f} GiB)" if n >= 1024**3 else f"{n} bytes ({n / 1024**2:.1f} MiB)"
+
+
+# --- input shapes -------------------------------------------------------------------------------------------------
+#
+# A job whose dataset cannot feed the model fails on the worker (invalid_dataset) only after it has queued and
+# loaded. When both sides are known at submission they are compared here, as the worker's loader compares them
+# (worker/engine/data.py): the same rank, and every fixed dim after the first (the rows) equal. Dims that are not a
+# positive int (None, a symbolic name such as "N", -1) match anything; an input of unknown rank is not checked.
+# The model's side: an ONNX model's declared inputs; a TorchScript model's traced example inputs (a traced graph is
+# specialised to them; a scripted model declares nothing and is not checked). The dataset's side: the array that
+# feeds each input (`x`, or the one named after it; one per input by name when there are several), or a built-in
+# dataset's images, which the worker reshapes for an ONNX input when the element counts match and feeds to a
+# TorchScript model as (N, 1, H, W).
+
+
+class InputShapeMismatch(Unprocessable):
+    code = "input_shape_mismatch"
+
+
+def model_input_shapes(model: ModelRow) -> tuple[list[dict], str]:
+    """(the model's inputs {name, dtype, shape}, where their shapes come from: "declared" or "traced")."""
+    info = model.info or {}
+    if model.format == "torchscript":
+        specs, source = info.get("traced_inputs") or [], "traced"
+    else:
+        specs, source = info.get("inputs") or [], "declared"
+    return [s for s in specs if isinstance(s, dict) and isinstance(s.get("name"), str)], source
+
+
+def _fixed(dim) -> bool:
+    return type(dim) is int and dim > 0
+
+
+def _shape_problem(model_shape: list, data_shape: list) -> str | None:
+    if len(model_shape) != len(data_shape):
+        return f"rank {len(data_shape)}, not {len(model_shape)}"
+    for axis, (want, got) in enumerate(zip(model_shape[1:], data_shape[1:]), start=1):
+        if _fixed(want) and want != got:
+            return f"dim {axis} is {got}, not {want}"
+    return None
+
+
+def _builtin_problem(name: str, spec_shape: list, source: str) -> str | None:
+    """What the worker makes of a built-in's images (1, H, W) for this input, as data._builtin_row_shape does: an
+    ONNX input gets the images laid out for its rank when its fixed dims agree, or reshaped when it fixes every dim
+    and the element counts match; a TorchScript model gets them as they are."""
+    image = list(BUILTIN_ROWS[name][0])
+    wanted, size = spec_shape[1:], math.prod(BUILTIN_ROWS[name][0])
+    if source == "traced":
+        return _shape_problem(spec_shape, ["N", *image])
+    natural = {3: image, 2: image[1:], 1: [size]}.get(len(wanted))
+    if natural is not None and all(not _fixed(d) or d == n for d, n in zip(wanted, natural)):
+        return None
+    if wanted and all(_fixed(d) for d in wanted) and math.prod(wanted) == size:
+        return None
+    return f"its {image} images ({size} values per row) cannot be laid out as {wanted} per row"
+
+
+def check_input_shapes(session: Session, *, model: ModelRow, dataset_id: str | None, builtin: str | None,
+                       config=None) -> None:
+    """422 `input_shape_mismatch` when the job's dataset cannot feed the model's (or a distill student model's)
+    inputs; nothing when either side's shapes are unknown."""
+    dataset = session.get(DatasetRow, dataset_id) if dataset_id else None
+    student = getattr(config, "student", None)
+    checked = [(model, "the model")]
+    if isinstance(student, ModelStudent):
+        student_model = session.get(ModelRow, student.model_id)
+        if student_model is not None:
+            checked.append((student_model, "the student model"))
+    for row, role in checked:
+        if builtin:
+            _check_builtin(row, role, builtin)
+        elif dataset is not None:
+            _check_dataset(row, role, dataset)
+
+
+def _check_builtin(model: ModelRow, role: str, builtin: str) -> None:
+    specs, source = model_input_shapes(model)
+    if builtin not in BUILTIN_ROWS or not specs:
+        return
+    if len(specs) != 1:
+        names = [s["name"] for s in specs]
+        raise Unprocessable(f"builtin:{builtin} feeds one image input; {role} {model.id} has {len(specs)} inputs "
+                            f"{names}", code="dataset_mismatch",
+                            detail={"model_inputs": names, "dataset_inputs": ["x"], "model_id": model.id})
+    spec = specs[0]
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not shape:
+        return
+    problem = _builtin_problem(builtin, shape, source)
+    if problem is None:
+        return
+    rows, image = BUILTIN_ROWS[builtin][1], list(BUILTIN_ROWS[builtin][0])
+    dataset_shape = [rows, *image]
+    raise _mismatch(model, role, source, spec["name"], shape, f"builtin:{builtin}", "x", dataset_shape, problem)
+
+
+def _check_dataset(model: ModelRow, role: str, dataset: DatasetRow) -> None:
+    specs, source = model_input_shapes(model)
+    arrays = (dataset.info or {}).get("arrays") or {}
+    for spec in specs:
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or not shape:
+            continue  # rank unknown
+        candidates = ("x", spec["name"]) if len(specs) == 1 else (spec["name"],)
+        key = next((k for k in candidates if isinstance(arrays.get(k), dict)), None)
+        if key is None:
+            continue  # no array for it: dataset_mismatch, checked with the dataset
+        data_shape = arrays[key].get("shape")
+        if not isinstance(data_shape, list):
+            continue
+        problem = _shape_problem(shape, data_shape)
+        if problem is not None:
+            raise _mismatch(model, role, source, spec["name"], shape, f"dataset {dataset.id}", key, data_shape,
+                            problem)
+
+
+def _mismatch(model: ModelRow, role: str, source: str, name: str, model_shape: list, dataset: str, array: str,
+              dataset_shape: list, reason: str) -> InputShapeMismatch:
+    subject = f"{dataset}'s array {array!r}" if dataset.startswith("dataset ") else dataset
+    how = "expects" if source == "declared" else "was traced with an example of shape"
+    return InputShapeMismatch(
+        f"{subject} has shape {dataset_shape}, but {role}'s input {name!r} {how} {model_shape}: {reason} (the first "
+        "dim counts rows and may differ; the others must match where the model fixes them). The job would fail on "
+        "the worker with invalid_dataset; give it data of the model's input shape",
+        detail={"input": name, "model_shape": model_shape, "dataset_shape": dataset_shape, "array": array,
+                "dataset": dataset, "model_id": model.id, "shape_source": source})

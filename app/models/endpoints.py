@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Path, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.auth.deps import PrincipalDep
@@ -15,9 +17,12 @@ from app.labels.service import parse_filters
 from app.models import repository as repo
 from app.models import service
 from app.models.schemas import ModelOut
+from app.models.service import EXISTING_HEADER
 
 router = APIRouter(tags=["models"])
 ModelId = Path(pattern=ID_PATTERN, description="A model id.")
+Sha256Query = Annotated[str | None, Query(pattern=r"^[0-9a-fA-F]{64}$", description=(
+    "Only records of this content: its sha256, 64 hex characters (e.g. to find an upload before sending it)."))]
 
 MULTIPART_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"],
@@ -26,19 +31,40 @@ MULTIPART_BODY = {"requestBody": {"required": True, "content": {"multipart/form-
                    "labels": {"type": "string", "description": 'A JSON object of labels, e.g. {"team": "search"}.'}}}}}}}
 
 
+def existing_response(model: type, same: str, kept: str) -> dict:
+    """The OpenAPI entries of an upload: 201 (a new record), and the 200 it answers when the owner already has its
+    content."""
+    return {200: {"model": model, "description": f"The owner already has this content (same {same}): the existing "
+                                                f"record, unchanged ({kept}), and nothing is stored or counted "
+                                                "against the quota again.",
+                  "headers": {EXISTING_HEADER: {"description": "`true`: the record existed before this upload.",
+                                                "schema": {"type": "string", "enum": ["true"]}}}},
+            201: {"description": "Stored and recorded: a new record."}}
+
+
+def answer_upload(response: Response, created: bool) -> None:
+    if not created:
+        response.status_code = 200
+        response.headers[EXISTING_HEADER] = "true"
+
+
 @router.post("/models", status_code=201, response_model=ModelOut, openapi_extra=MULTIPART_BODY,
-             responses=error_responses(UploadAborted, PayloadTooLarge, UnsupportedMediaType, Unprocessable),
-             summary="Upload a model (streamed, hashed, inspected)")
-async def upload_model(request: Request, services: ServicesDep, who: PrincipalDep) -> ModelOut:
+             responses={**existing_response(ModelOut, "sha256 and format", "its name and labels are kept"),
+                        **error_responses(UploadAborted, PayloadTooLarge, UnsupportedMediaType, Unprocessable)},
+             summary="Upload a model (streamed, hashed, inspected); a repeat answers the existing model")
+async def upload_model(request: Request, response: Response, services: ServicesDep, who: PrincipalDep) -> ModelOut:
     received = await receive_upload(request, services.storage, max_bytes=services.settings.max_upload_bytes,
                                     quota=service.upload_quota(services, who.owner))
-    return await run_in_threadpool(service.create_from_upload, services, who.owner, received)
+    model, created = await run_in_threadpool(service.create_from_upload, services, who.owner, received)
+    answer_upload(response, created)
+    return model
 
 
 @router.get("/models", response_model=Page[ModelOut])
 def list_models(session: SessionDep, who: PrincipalDep, cursor: CursorQuery = None, limit: LimitQuery = 50,
-                label: LabelQuery = None):
-    rows = repo.list_page(session, who.scope, cursor, limit, labels=parse_filters(label))
+                label: LabelQuery = None, sha256: Sha256Query = None):
+    rows = repo.list_page(session, who.scope, cursor, limit, labels=parse_filters(label),
+                          sha256=sha256.lower() if sha256 else None)
     return Page[ModelOut](items=[service.to_out(r) for r in rows], next_cursor=next_cursor(rows, limit))
 
 

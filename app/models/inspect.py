@@ -97,6 +97,10 @@ class ModelInfo:
     outputs: list[TensorSpec]
     params: int | None
     details: dict
+    # TorchScript saved by torch.jit.trace: the example inputs it was traced with (forward's argument names, the
+    # examples' dtypes and shapes; the first dim is the example's batch). TorchScript declares no input shapes, but
+    # a traced graph is specialised to these. Empty for ONNX, scripted models and archives without them.
+    traced_inputs: list[TensorSpec] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -562,7 +566,211 @@ def _inspect_archive(archive: zipfile.ZipFile, max_tensor_elements: int) -> Mode
         outputs=[],
         params=params,
         details={"archive_name": root, "tensor_count": tensor_count, "has_code": has_code},
+        traced_inputs=_traced_inputs(archive, members, root),
     )
+
+
+# --------------------------------------------------------------------------- TorchScript: traced example inputs
+
+# torch.jit.trace keeps the example inputs in the archive (``<root>/traced_inputs.pkl``, a pickle of
+# ``{"forward": [tensor, ...]}``, tensors as ``_rebuild_tensor_v2(storage, offset, size, stride, ...)``); their
+# shapes are read from the pickle's opcodes like the storages above (nothing is unpickled or loaded), their names
+# from forward's signature in the root class's code. Anything unexpected means "not known": an empty list, never
+# a refusal (the worker's loader does not read this member).
+_MAX_TRACED_PICKLE_BYTES = 1024 * 1024
+_MAX_TRACED_INPUTS = 64
+_MAX_SIGNATURE_CODE_BYTES = 4 * 1024 * 1024
+_STORAGE_DTYPES = {
+    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8",
+    "ByteStorage": "uint8", "BoolStorage": "bool",
+}
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class _Global:
+    module: str
+    name: str
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    dtype: str
+    shape: tuple
+
+
+def _traced_inputs(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], root: str) -> list[TensorSpec]:
+    info = members.get(f"{root}/traced_inputs.pkl")
+    if info is None or info.file_size > _MAX_TRACED_PICKLE_BYTES:
+        return []
+    try:
+        with archive.open(info) as member:
+            data = member.read(_MAX_TRACED_PICKLE_BYTES + 1)
+        if len(data) > _MAX_TRACED_PICKLE_BYTES:
+            return []
+        traced = _pickled_value(data, info.filename)
+        examples = traced.get("forward") if isinstance(traced, dict) else None
+        if not isinstance(examples, list) or not 0 < len(examples) <= _MAX_TRACED_INPUTS:
+            return []
+        if not all(isinstance(t, _Tensor) and t.dtype != "unknown" and t.shape for t in examples):
+            return []  # a scalar or a non-tensor argument (tuples, ints): no plain tensor inputs to describe
+        names = _forward_argument_names(archive, members, root)
+    except (*_ZIP_ERRORS, ModelRejected, IndexError, KeyError, TypeError):
+        return []
+    if names is None or len(names) != len(examples):
+        return []
+    return [TensorSpec(name, t.dtype, list(t.shape)) for name, t in zip(names, examples)]
+
+
+def _pickled_value(data: bytes, where: str):
+    """What a small TorchScript pickle holds, rebuilt from its opcodes without importing or calling anything:
+    strings, numbers, tuples, lists and dicts as themselves, a tensor as ``_Tensor(dtype, shape)``, a type tag as
+    the value it tags; any other object is None. Globals outside TorchScript's own are refused (_check_global)."""
+    stack: list = []
+    marks: list[int] = []
+    memo: dict = {}
+    for opcode, arg, _ in pickletools.genops(data):
+        name = opcode.name
+        if name == "STOP":
+            break
+        if name == "MARK":
+            marks.append(len(stack))
+            continue
+        if name in _MEMO_PUT:
+            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+            continue
+        if name in _MEMO_GET:
+            stack.append(memo.get(arg))
+            continue
+        before = opcode.stack_before
+        popped: list = []
+        below_mark = len(before)
+        if pickletools.markobject in before:
+            start = marks.pop()
+            popped = stack[start:]
+            del stack[start:]
+            below_mark = before.index(pickletools.markobject)
+        if below_mark:
+            if len(stack) < below_mark:
+                raise ValueError("pickle stack underflow")
+            popped = stack[-below_mark:] + popped
+            del stack[-below_mark:]
+
+        result = None
+        if name in ("GLOBAL", "INST", "STACK_GLOBAL") or name.startswith("EXT"):
+            if name == "STACK_GLOBAL":
+                module, attr = popped
+            elif isinstance(arg, str) and " " in arg:
+                module, attr = arg.split(" ", 1)
+            else:  # EXT*: a global by number, from the copyreg extension registry
+                module, attr = None, None
+            _check_global(module, attr, where)
+            result = _Global(module, attr)
+        elif name in _TUPLES:
+            result = tuple(popped)
+        elif name == "EMPTY_LIST":
+            result = []
+        elif name == "EMPTY_DICT":
+            result = {}
+        elif name in ("APPEND", "APPENDS") and isinstance(popped[0], list):
+            result = popped[0]
+            result.extend(popped[1:])
+        elif name in ("SETITEM", "SETITEMS") and isinstance(popped[0], dict):
+            result = popped[0]
+            items = popped[1:]
+            for key, value in zip(items[::2], items[1::2]):
+                if isinstance(key, (str, int)):
+                    result[key] = value
+        elif name == "BINPERSID":
+            result = popped[0]
+        elif name == "REDUCE":
+            result = _reduce(*popped)
+        elif not before and opcode.arg is not None:
+            result = arg  # a literal: int, str, bytes, float
+        stack.extend([result] * len(opcode.stack_after))
+    return stack[-1] if stack else None
+
+
+def _reduce(func, args):
+    if not isinstance(func, _Global) or not isinstance(args, tuple):
+        return None
+    if (func.module, func.name) == ("torch.jit._pickle", "restore_type_tag") and args:
+        return args[0]
+    if (func.module, func.name) == ("torch._utils", "_rebuild_tensor_v2") and len(args) >= 3:
+        storage, size = args[0], args[2]
+        if not (isinstance(size, tuple) and len(size) <= _MAX_RANK and all(type(d) is int and d >= 0 for d in size)):
+            return None
+        kind = storage[1] if isinstance(storage, tuple) and len(storage) == 5 and storage[0] == "storage" else None
+        dtype = _STORAGE_DTYPES.get(kind.name, "unknown") if isinstance(kind, _Global) else "unknown"
+        return _Tensor(dtype, size)
+    return None
+
+
+def _forward_argument_names(
+    archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], root: str
+) -> list[str] | None:
+    """The names of the root module's forward arguments (after self), all annotated ``Tensor``; None when unknown.
+    The root module's class is the first global of ``data.pkl`` (``__torch__.<path> <Class>``), its code is in
+    ``code/__torch__/<path>.py``."""
+    data_info = members.get(f"{root}/data.pkl")
+    if data_info is None:
+        return None
+    with archive.open(data_info) as member:
+        head = member.read(4096)
+    cls = None
+    try:
+        for opcode, arg, _ in pickletools.genops(head):
+            if opcode.name == "GLOBAL":
+                cls = arg.split(" ", 1) if " " in arg else None
+                break
+    except ValueError:  # the 4 KiB cut the pickle short before a global
+        return None
+    if cls is None or not (cls[0] == "__torch__" or cls[0].startswith("__torch__.")):
+        return None
+    path = f"{root}/code/" + cls[0].replace(".", "/") + ".py"
+    info = members.get(path)
+    if info is None or info.file_size > _MAX_SIGNATURE_CODE_BYTES:
+        return None
+    with archive.open(info) as member:
+        source = member.read(_MAX_SIGNATURE_CODE_BYTES + 1).decode("utf-8", "replace")
+    return _signature_names(source, cls[1])
+
+
+def _signature_names(source: str, class_name: str) -> list[str] | None:
+    match = re.search(rf"^class {re.escape(class_name)}\(", source, re.MULTILINE)
+    if match is None:
+        return None
+    body = source[match.end():]
+    next_class = re.search(r"^class ", body, re.MULTILINE)
+    body = body[: next_class.start()] if next_class else body
+    forward = re.search(r"^\s+def forward\(", body, re.MULTILINE)
+    if forward is None:
+        return None
+    params, depth, current = [], 0, []
+    for ch in body[forward.end():]:
+        if ch in "([" :
+            depth += 1
+        elif ch in ")]":
+            if depth == 0:
+                break
+            depth -= 1
+        if ch == "," and depth == 0:
+            params.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    else:
+        return None
+    params.append("".join(current))
+    params = [p.strip() for p in params if p.strip()]
+    names = []
+    for param in params[1:]:  # after self
+        name, _, annotation = param.partition(":")
+        if not _IDENTIFIER.match(name.strip()) or annotation.split("=", 1)[0].strip() != "Tensor":
+            return None
+        names.append(name.strip())
+    return names
 
 
 def _member_name_problem(name: str) -> str | None:

@@ -19,13 +19,22 @@ def get(session: Session, owner: str | None, model_id: str) -> ModelRow | None:
 
 
 def list_page(session: Session, owner: str | None, cursor: str | None, limit: int,
-              labels: list[tuple[str, str | None]] = ()) -> list[ModelRow]:
+              labels: list[tuple[str, str | None]] = (), sha256: str | None = None) -> list[ModelRow]:
     stmt = owned(select(ModelRow).where(ModelRow.deleted_at.is_(None)), ModelRow.owner, owner)
+    if sha256 is not None:
+        stmt = stmt.where(ModelRow.sha256 == sha256)
     stmt = stmt.where(*filter_clauses(ModelLabelRow, ModelLabelRow.model_id, ModelRow.id, list(labels)))
     stmt = stmt.options(selectinload(ModelRow.label_rows))
     if cursor:
         stmt = stmt.where(ModelRow.id < cursor)
     return list(session.scalars(stmt.order_by(ModelRow.id.desc()).limit(limit)))
+
+
+def live_with_content(session: Session, owner: str, sha256: str, fmt: str) -> ModelRow | None:
+    """The owner's oldest live model of this content and format (what a repeated upload of it answers with)."""
+    stmt = select(ModelRow).where(ModelRow.owner == owner, ModelRow.sha256 == sha256, ModelRow.format == fmt,
+                                  ModelRow.deleted_at.is_(None))
+    return session.scalars(stmt.order_by(ModelRow.id).limit(1)).first()
 
 
 def soft_delete(session: Session, model: ModelRow) -> None:

@@ -18,6 +18,11 @@ class InspectionOut(BaseModel):
     outputs: list[TensorSpecOut] = []
     params: int | None = Field(None, description="Number of stored weight elements (initializers / tensors).")
     details: dict[str, Any] = {}
+    traced_inputs: list[TensorSpecOut] = Field([], description=(
+        "TorchScript saved by torch.jit.trace: the example inputs it was traced with (forward's argument names, the "
+        "examples' dtypes and shapes; the first dim is the example's batch). TorchScript declares no input shapes; "
+        "a traced graph is specialised to these, so job submission checks the dataset against them. Empty for "
+        "ONNX (see `inputs`) and scripted models."))
 
 
 class ModelOut(BaseModel):

@@ -1,5 +1,9 @@
-"""Model uploads: inspect the received file, store it by content, record the row."""
+"""Model uploads: inspect the received file, store it by content, record the row. One live row per owner and
+content: a repeated upload answers the row the owner already has (docs/api.md, "Repeated uploads")."""
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -13,6 +17,10 @@ from app.labels import service as labels
 from app.models import repository as repo
 from app.models.inspect import ModelRejected, inspect_model
 from app.models.schemas import InspectionOut, ModelOut
+
+T = TypeVar("T")
+#: The response header of an upload answered with a record the owner already had (status 200 instead of 201).
+EXISTING_HEADER = "X-Distillery-Existing"
 
 
 def clean_name(raw: str | None, fallback: str) -> str:
@@ -67,7 +75,11 @@ def forget_content(services: Services, session: Session, sha256: str) -> None:
         services.storage.delete(sha256)
 
 
-def create_from_upload(services: Services, owner: str, received: ReceivedUpload) -> ModelOut:
+def create_from_upload(services: Services, owner: str, received: ReceivedUpload) -> tuple[ModelOut, bool]:
+    """(the model, created). Content this owner already holds as a live model of the same format is not stored
+    again: the existing model comes back as it is (its name and labels are kept, whatever this upload's say) and
+    `created` is False. The upload is still checked first (name, labels, inspection), so a file today's inspector
+    refuses is a 422 even when an older copy of it exists."""
     try:
         name = clean_name(received.fields.get("name"), received.filename or "model")
         model_labels = labels.parse_form_field(received.fields.get("labels"))
@@ -75,21 +87,37 @@ def create_from_upload(services: Services, owner: str, received: ReceivedUpload)
             info = inspect_model(received.temp_path)
         except ModelRejected as exc:
             raise Unprocessable(exc.message, code=exc.code, detail=exc.detail) from None
+
+        def existing(session: Session) -> ModelRow | None:
+            return repo.live_with_content(session, owner, received.sha256, info.format)
+
+        with services.db.session() as session:  # the common repeat, answered without storing anything
+            found = existing(session)
+            if found is not None:
+                return to_out(found), False
         store_received(services, received)
     finally:
         received.temp_path.unlink(missing_ok=True)
     row = ModelRow(owner=owner, name=name, format=info.format, size_bytes=received.size_bytes,
                    sha256=received.sha256, info=info.to_dict())
     labels.replace(row, ModelLabelRow, model_labels)
-    return to_out(insert_uploaded(services, row))
+    return insert_uploaded(services, row, existing, to_out)
 
 
-def insert_uploaded(services: Services, row):
+def insert_uploaded(services: Services, row, existing: Callable[[Session], Any], out: Callable[[Any], T]
+                    ) -> tuple[T, bool]:
     """Insert the row of stored upload content (model or dataset) within the owner's quota; on any failure the
-    content is removed again unless another row uses it, so nothing is left half-written."""
+    content is removed again unless another row uses it, so nothing is left half-written. Returns (out(row), True),
+    or (out(that row), False) when `existing` finds the owner's row of the same content: under the owner's storage
+    lock, which every upload of the owner takes to insert, so two concurrent uploads of one content make one row
+    (the second sees the first's, committed), across API processes on PostgreSQL (an advisory lock) as in the one
+    SQLite process. The quota is checked after that, so a repeat never counts against it."""
     with services.db.session() as session:
         try:
             with owner_limit_lock(session, row.owner, "storage"):
+                found = existing(session)
+                if found is not None:
+                    return out(found), False
                 check_quota(services, session, row.owner, row.size_bytes)
                 session.add(row)
                 session.commit()
@@ -97,7 +125,7 @@ def insert_uploaded(services: Services, row):
             session.rollback()
             forget_content(services, session, row.sha256)
             raise
-        return row
+        return out(row), True
 
 
 def to_out(row: ModelRow) -> ModelOut:
@@ -106,7 +134,8 @@ def to_out(row: ModelRow) -> ModelOut:
                     owner=row.owner, created_at=row.created_at,
                     inspection=InspectionOut(status="done", inputs=info.get("inputs", []),
                                              outputs=info.get("outputs", []), params=info.get("params"),
-                                             details=info.get("details", {})),
+                                             details=info.get("details", {}),
+                                             traced_inputs=info.get("traced_inputs", [])),
                     labels=labels.as_dict(row.label_rows), source_artifact_id=row.source_artifact_id)
 
 

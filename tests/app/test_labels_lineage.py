@@ -44,7 +44,7 @@ def test_labels_are_stored_returned_and_patched(client):
     model = resp.json()
     assert model["labels"] == {"run": "r42", "team": "search"} and model["source_artifact_id"] is None
     assert client.get(f"/v1/models/{model['id']}").json()["labels"] == model["labels"]
-    assert upload_labelled(client, None).json()["labels"] == {}
+    assert upload_labelled(client, None, hidden=16).json()["labels"] == {}
 
     job = submit(client, model["id"], {"team": "search", "exp.lr": "3e-4"}).json()
     assert job["labels"] == {"exp.lr": "3e-4", "team": "search"} and job["webhook"] is None

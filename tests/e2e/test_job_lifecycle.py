@@ -81,13 +81,14 @@ def test_dynamic_int8_without_dataset(api, stack, start_worker):
 
 
 def test_engine_error_fails_the_job_clearly(api, stack, start_worker):
-    """A dataset whose inputs fit by name but not by shape: the engine refuses it, the job fails at once."""
+    """A dataset the API cannot fault (the right names and shapes) but the engine refuses (values that are not
+    finite): the job fails at once, with the engine's code, and is not retried."""
     start_worker(stack, "w1@test")
     model = upload_model(api, mlp_onnx_bytes()).json()
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, x=np.zeros((20, 7), np.float32))
+    np.savez(buf, x=np.full((20, 64), np.nan, np.float32))
     dataset = upload_dataset(api, buf.getvalue()).json()
     job = submit(api, model["id"], dataset["id"])
     job, _ = wait_terminal(api, job["id"])
