@@ -89,10 +89,11 @@ USER distillery
 
 EXPOSE 8000
 
-# Liveness of the API (slim has no curl: use Python). Worker/migrate containers disable it
-# in docker-compose.yml, since they serve no HTTP.
+# Liveness: `distillery healthcheck` reads the container's main process and probes the API's /healthz on the
+# port it was given (`api --port N`); a worker or migration container, which serves no HTTP, passes (a worker that
+# stops ends its container). docker-compose.yml also disables it for those.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+    CMD ["distillery", "healthcheck"]
 
 ENTRYPOINT ["distillery"]
 CMD ["api"]

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from app.core.config import Settings, get_settings
 from app.core.procs import die_with_parent
@@ -53,14 +54,32 @@ def worker_command(settings: Settings, name: str | None, queues: str | None, con
     return cmd
 
 
+def _auto_queues() -> list[str]:
+    """What `DISTILLERY_WORKER_QUEUES=auto` means on this machine (`gpu` when nvidia-smi sees a GPU, else `cpu`),
+    asked of a child process: this one never imports worker/ (nor, through it, anything that touches CUDA)."""
+    out = subprocess.run([sys.executable, "-c", "from worker.maintenance import resolve_queues;"
+                          "print(','.join(resolve_queues('auto')))"], capture_output=True, text=True)
+    return [q for q in out.stdout.strip().split(",") if q] or ["cpu"]
+
+
 def _worker_queues(settings: Settings, explicit: str | None) -> str:
     if explicit:
         return explicit
     if settings.worker_queues != "auto":
         return settings.worker_queues
-    out = subprocess.run([sys.executable, "-c", "from worker.maintenance import resolve_queues;"
-                          "print(','.join(resolve_queues('auto')))"], capture_output=True, text=True)
-    return out.stdout.strip() or "cpu"
+    return ",".join(_auto_queues())
+
+
+def serve_queues(settings: Settings, explicit: str | None) -> str:
+    """The embedded worker's queues: --queues, else DISTILLERY_WORKER_QUEUES when not `auto`, else `cpu`, plus
+    `gpu` only where a GPU worker would consume it (`auto` resolves to `gpu`): as the only worker it takes `device:
+    cpu` jobs too, but it never claims the GPU queue on a machine without one, so `auto` jobs go to `cpu` there
+    (the API routes them to `gpu` only while a live worker consumes it) and `cuda` jobs wait for a real GPU worker."""
+    if explicit:
+        return explicit
+    if settings.worker_queues != "auto":
+        return settings.worker_queues
+    return "cpu,gpu" if "gpu" in _auto_queues() else "cpu"
 
 
 def cmd_worker(settings: Settings, args) -> int:
@@ -110,13 +129,17 @@ def cmd_serve(settings: Settings, args) -> int:
                     args.host, settings.default_owner)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings)
-    env = {**os.environ, "DISTILLERY_DATA_DIR": str(settings.data_dir), "DISTILLERY_WORKER_QUEUES": "cpu,gpu"
-           if args.queues is None else args.queues, "DISTILLERY_LOG_FORMAT": settings.log_format}
+    queues = serve_queues(settings, args.queues)
+    env = {**os.environ, "DISTILLERY_DATA_DIR": str(settings.data_dir), "DISTILLERY_WORKER_QUEUES": queues,
+           "DISTILLERY_LOG_FORMAT": settings.log_format}
     # One fixed name: a restarted embedded worker re-queues at once what its previous life left running.
-    worker_cmd = worker_command(settings, "embedded@%h", env["DISTILLERY_WORKER_QUEUES"], None)
+    worker_cmd = worker_command(settings, "embedded@%h", queues, None)
     worker = subprocess.Popen(worker_cmd, env=env, preexec_fn=die_with_parent(signal.SIGTERM))
     log.info("data in %s; database %s; broker %s", settings.data_dir, _redact(settings.database_url),
              settings.broker_url)
+    log.info("local worker %s consumes %s %s%s", "embedded@" + socket.gethostname(),
+             "queues" if "," in queues else "queue", queues, "" if "gpu" in queues.split(",") else
+             " (not gpu: `auto` jobs run here on the CPU, `device: cuda` jobs wait for a GPU worker)")
     try:
         from app.main import create_app
 
@@ -175,6 +198,41 @@ def cmd_example(settings: Settings, args) -> int:
     return subprocess.call([sys.executable, "-m", "worker.examples", "--out", args.out, "--seed", str(args.seed)])
 
 
+def _pid1_argv() -> list[str]:
+    try:
+        return Path("/proc/1/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def healthcheck_url(argv: list[str]) -> str | None:
+    """The /healthz URL to probe for a container whose main process has `argv`: the API's own port for
+    `distillery api`/`serve` (whatever --port it was given), None for a worker or a migration (no HTTP)."""
+    words = [Path(w).name for w in argv[:3]]
+    role = next((argv[i + 1] for i, w in enumerate(words) if w == "distillery" and i + 1 < len(argv)), None)
+    if role not in ("api", "serve"):
+        return None
+    args, _ = build_parser().parse_known_args(argv[argv.index(role):])
+    return f"http://127.0.0.1:{args.port}/healthz"
+
+
+def cmd_healthcheck(_settings: Settings, args) -> int:
+    """The Docker HEALTHCHECK: probe the API's /healthz on the port its process listens on (read from the
+    container's main process), or succeed for a worker or migration container, which serves no HTTP (a worker
+    that stops ends its container)."""
+    import urllib.request
+
+    url = args.url or healthcheck_url(_pid1_argv())
+    if url is None:
+        return 0
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+            return 0 if resp.status == 200 else 1
+    except OSError as exc:
+        print(f"unhealthy: {url}: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distillery", description="Model compression as a service.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -182,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="Embedded default: API + local worker on SQLite and a file-system broker.")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--queues", default=None, help="Queues the local worker consumes (default: cpu,gpu).")
+    s.add_argument("--queues", default=None, help="Queues the local worker consumes (default: cpu, and gpu too "
+                   "when nvidia-smi sees a GPU).")
     s.set_defaults(func=cmd_serve)
 
     a = sub.add_parser("api", help="Production API (uvicorn, several processes). Run `distillery migrate` first.")
@@ -210,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     kr.add_argument("key_id")
     ksub.add_parser("list", help="List keys (ids, owners, state; never the secrets).")
     k.set_defaults(func=cmd_keys)
+
+    h = sub.add_parser("healthcheck", help="Exit 0 when this container's API answers /healthz (the image's "
+                       "HEALTHCHECK); a worker or migration container is always healthy.")
+    h.add_argument("--url", default=None, help="Probe this URL instead of the main process's API port.")
+    h.add_argument("--timeout", type=float, default=4.0)
+    h.set_defaults(func=cmd_healthcheck)
 
     e = sub.add_parser("example", help="Write an example model (ONNX + TorchScript) and dataset (.npz).")
     e.add_argument("--out", default="example", help="Folder to write into (default: ./example).")

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.core.config import Settings, get_settings
 from app.core.deps import Services
 from app.core.errors import DistilleryError, database_unavailable_response, error_body, error_response
-from app.core.openapi import install_openapi
+from app.core.openapi import install_docs, install_openapi
 from app.core.bodylimit import JSON_BODY_LIMIT, BodyLimitMiddleware, BodyTooLarge
 from app.core.logs import RequestIdMiddleware
 from app.jobs.fastpath import JobPollFastPath
@@ -109,9 +109,8 @@ _heap_collected = False
 def _freeze_startup_heap() -> None:
     """Move what start-up made (it lives as long as the app) out of the cycle collector's reach, so that a full
     collection, triggered by request garbage, scans only newer objects instead of stalling this process's event loop
-    for ~100-250 ms (~166 ms for ~164k objects here: bench/gc_pause.py). The first start in a
-    process collects first (~0.25 s with torch loaded; it also sets the collector's full-collection baseline); later
-    starts in the same process (the test suite makes hundreds of apps) only freeze. The lifespan unfreezes at
+    (bench/gc_pause.py measures the stall; docs/benchmarks.md has the figures). The first start in a process
+    collects first (it also sets the collector's full-collection baseline); later starts in the same process (the test suite makes hundreds of apps) only freeze. The lifespan unfreezes at
     shutdown, so an app made and dropped in a longer process leaves nothing uncollectable behind."""
     global _heap_collected
     if not _heap_collected:
@@ -145,11 +144,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from app.system.endpoints import router as system_router
     from app.workers.endpoints import router as workers_router
 
-    app = FastAPI(title="Distillery", version="1.0.0", lifespan=lifespan,
+    app = FastAPI(title="Distillery", version="1.0.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Model compression as a service: upload a model, run a quantize/prune/distill job "
                               "on a worker, download the measured, compressed artifact.")
     install_error_handlers(app)
     install_openapi(app)  # the errors every route may answer (401, 422, 429, 503...), declared in the spec
+    install_docs(app)  # /docs with Swagger UI's files served from here, not a CDN
     app.add_middleware(JobPollFastPath)  # GET /v1/jobs/{id} on PostgreSQL, below the router (app/jobs/fastpath.py)
     app.add_middleware(BodyLimitMiddleware)  # JSON bodies (not uploads) are at most JSON_BODY_LIMIT bytes
     app.add_middleware(RequestIdMiddleware)  # X-Request-ID, and request_id on the request's log lines

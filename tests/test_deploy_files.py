@@ -352,17 +352,26 @@ def test_dockerfile_data_dir(dockerfile, image_services):
 
 
 def test_dockerfile_healthcheck_hits_healthz(dockerfile, services):
+    from app.cli import healthcheck_url
     from app.system.endpoints import router
 
     checks = [args for word, args in _final_stage(dockerfile) if word == "HEALTHCHECK"]
     assert checks, "the final stage has no HEALTHCHECK"
-    assert "/healthz" in checks[-1], f"HEALTHCHECK should probe /healthz: {checks[-1]}"
+    assert _exec_form(checks[-1].split("CMD", 1)[1].strip()) == ["distillery", "healthcheck"], checks[-1]
     assert "/healthz" in {getattr(r, "path", None) for r in router.routes}, "the API no longer serves /healthz"
     exposed = " ".join(args for word, args in _final_stage(dockerfile) if word == "EXPOSE").split()
     api_port = _parse_command("api", services["api"]["command"]).port
     assert str(api_port) in exposed, f"the image EXPOSEs {exposed}, the api listens on {api_port}"
-    assert f":{api_port}/healthz" in checks[-1], \
-        f"HEALTHCHECK should probe the api's port {api_port}: {checks[-1]}"
+    # what `distillery healthcheck` probes in each container: the process the image's ENTRYPOINT starts
+    for name, svc in services.items():
+        if "image" not in svc or "command" not in svc:
+            continue
+        argv = ["/opt/venv/bin/python", "/opt/venv/bin/distillery", *svc["command"]]
+        port = _parse_command("api", svc["command"]).port if svc["command"][0] == "api" else None
+        assert healthcheck_url(argv) == (f"http://127.0.0.1:{port}/healthz" if port else None), name
+    assert healthcheck_url(["/opt/venv/bin/python", "/opt/venv/bin/distillery", "api", "--port", "9001"]) \
+        == "http://127.0.0.1:9001/healthz"
+    assert healthcheck_url(["/opt/venv/bin/python", "-m", "celery", "-A", "worker.celery_app:celery"]) is None
     assert services["api"].get("healthcheck", {}).get("disable") is not True, \
         "docker-compose.yml disables the api's healthcheck"
 

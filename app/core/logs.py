@@ -114,19 +114,97 @@ class StderrHandler(logging.StreamHandler):
         self._stream = value
 
 
+class _Demote(logging.Filter):
+    """On a logger: its records that `quiet(record)` picks are DEBUG lines, not INFO or WARNING ones (shown only
+    when that logger is enabled for DEBUG, e.g. DISTILLERY_LOG_LEVEL=DEBUG); every other record passes as it is."""
+
+    def quiet(self, record: logging.LogRecord) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG or not self.quiet(record):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+#: What a browser on the dashboard or /docs fetches over and over: the pages and their assets, and the dashboard's
+#: polls (every 1.5 s: the job list, a job, now and then the model list). Their successful GETs are DEBUG lines.
+QUIET_GET_PATHS = frozenset({"/", "/docs", "/openapi.json", "/favicon.ico", "/v1/jobs", "/v1/models"})
+QUIET_GET_PREFIXES = ("/dashboard/", "/docs/assets/")
+
+
+def is_quiet_access(method: str, path: str, status: int) -> bool:
+    """A successful (2xx, 3xx) GET or HEAD of a page, a static asset or a dashboard poll: `/`, `/dashboard/*`,
+    `/docs`, `/docs/assets/*`, `/openapi.json`, `GET /v1/jobs`, `GET /v1/jobs/{id}`, `GET /v1/models`. Writes,
+    errors and every other read are not."""
+    if method not in ("GET", "HEAD") or not 200 <= status < 400:
+        return False
+    path = path.partition("?")[0]
+    if path in QUIET_GET_PATHS or path.startswith(QUIET_GET_PREFIXES):
+        return True
+    head, _, job = path.rpartition("/")
+    return head == "/v1/jobs" and bool(job)
+
+
+class QuietAccessFilter(_Demote):
+    """uvicorn's access lines of is_quiet_access() requests are DEBUG: a dashboard left open writes nothing at
+    INFO, while writes (POST, PATCH, DELETE) and every 4xx/5xx answer are still logged at INFO."""
+
+    def quiet(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not (isinstance(args, tuple) and len(args) == 5 and isinstance(args[4], int)):
+            return False
+        return is_quiet_access(str(args[1]), str(args[2]), args[4])
+
+
+class AlembicContextFilter(_Demote):
+    """Alembic's "Context impl SQLiteImpl." and "Will assume non-transactional DDL." at every start: DEBUG. Its
+    "Running upgrade A -> B" lines (the schema changed) stay INFO."""
+
+    def quiet(self, record: logging.LogRecord) -> bool:
+        return record.msg.startswith(("Context impl", "Will assume")) if isinstance(record.msg, str) else False
+
+
+class KombuNoHostnameFilter(_Demote):
+    """kombu's "No hostname was supplied. Reverting to default 'localhost'": kombu says it each time it describes
+    a connection whose URL names no host (Celery's banner and its "Connected to" line), which the file-system
+    broker's `filesystem://` never does, and that transport has no use for a host. DEBUG."""
+
+    def quiet(self, record: logging.LogRecord) -> bool:
+        return isinstance(record.msg, str) and record.msg.startswith("No hostname was supplied")
+
+
 def logging_config(log_format: str, level: str) -> dict[str, Any]:
     """A dictConfig: the root logger writes to stderr in `log_format`; uvicorn's and Celery's loggers go through
-    it. Also handed to uvicorn (log_config=), so its worker processes log the same way."""
+    it. Also handed to uvicorn (log_config=), so its worker processes log the same way.
+
+    Start-up and polling noise is kept below INFO: Alembic's plugin set-up lines (WARNING and up only), its
+    per-connection context lines, kombu's "No hostname" warning about the file-system broker, and the access lines of
+    successful page, asset and dashboard-poll GETs (`is_quiet_access`). DISTILLERY_LOG_LEVEL=DEBUG shows the
+    demoted lines again."""
+    loggers: dict[str, Any] = {name: {"handlers": [], "propagate": True, "level": level.upper()}
+                               for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery")}
+    loggers["uvicorn.access"]["filters"] = ["quiet_access"]
+    # "setup plugin alembic.autogenerate.schemas" and six more, at every import of Alembic's command module
+    numeric = logging.getLevelName(level.upper())
+    quiet_level = level.upper() if not isinstance(numeric, int) or numeric <= logging.DEBUG \
+        else logging.getLevelName(max(numeric, logging.WARNING))
+    loggers["alembic.runtime.plugins"] = {"handlers": [], "propagate": True, "level": quiet_level}
+    loggers["alembic.runtime.migration"] = {"handlers": [], "propagate": True, "filters": ["alembic_context"]}
+    loggers["kombu.connection"] = {"handlers": [], "propagate": True, "filters": ["kombu_no_hostname"]}
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"context": {"()": "app.core.logs.ContextFilter"}},
+        "filters": {"context": {"()": "app.core.logs.ContextFilter"},
+                    "quiet_access": {"()": "app.core.logs.QuietAccessFilter"},
+                    "alembic_context": {"()": "app.core.logs.AlembicContextFilter"},
+                    "kombu_no_hostname": {"()": "app.core.logs.KombuNoHostnameFilter"}},
         "formatters": {"json": {"()": "app.core.logs.JsonFormatter"},
                        "text": {"()": "app.core.logs.TextFormatter"}},
         "handlers": {"stderr": {"()": "app.core.logs.StderrHandler",
                                 "formatter": "json" if log_format == "json" else "text", "filters": ["context"]}},
-        "loggers": {name: {"handlers": [], "propagate": True, "level": level.upper()}
-                    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery")},
+        "loggers": loggers,
         "root": {"handlers": ["stderr"], "level": level.upper()},
     }
 

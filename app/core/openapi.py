@@ -8,14 +8,20 @@ wired is added here, from its dependencies, to every operation in the spec (rout
   - the caller's principal (`PrincipalDep`): 401 (no key, a bad or revoked key) and 429 (the per-owner rate limit),
     and the Bearer security scheme;
   - the shared services (database, broker, storage): 503 (the database is unavailable or refused the request).
+
+It also serves the interactive docs, `/docs` (Swagger UI), from this process alone: `install_docs`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator
+from functools import lru_cache
+from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, routing
+from fastapi import FastAPI, Path, Request, Response, routing
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.routing import APIRoute
 
 from app.core.schemas import ErrorResponse
@@ -129,3 +135,47 @@ def install_openapi(app: FastAPI) -> None:
         return spec
 
     app.openapi = openapi
+
+
+#: Swagger UI's files, from the `fastapi-swagger` package (Swagger UI 5's dist files, which render OpenAPI 3.1):
+#: served here, so /docs works without the CDN that FastAPI's default page loads them from.
+DOCS_ASSETS_PATH = "/docs/assets"
+_DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript; charset=utf-8", "swagger-ui.css": "text/css; charset=utf-8",
+                "favicon-32x32.png": "image/png"}
+
+
+@lru_cache(maxsize=None)
+def docs_asset(name: str) -> tuple[bytes, str]:
+    """(content, ETag) of one of Swagger UI's files, read once per process."""
+    data = resources.files("fastapi_swagger.resources").joinpath(name).read_bytes()
+    if name.endswith(".css"):  # it names a source map the package does not ship
+        data = data.split(b"/*# sourceMappingURL=", 1)[0]
+    return data, '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
+
+
+def install_docs(app: FastAPI) -> None:
+    """`/docs`: FastAPI's Swagger UI page (create the app with docs_url=None and redoc_url=None), its script, style
+    and icon served by this app under /docs/assets/, so that nothing is fetched from another origin (a machine
+    offline, or one whose browser reaches only this server, gets working docs). ReDoc is not offered (its page loads
+    its script and web fonts from CDNs too). All of it is left out of the spec."""
+    from app.core.errors import NotFound
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> Response:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=root + (app.openapi_url or "/openapi.json"), title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_ASSETS_PATH}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS_PATH}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS_PATH}/favicon-32x32.png",
+            swagger_ui_parameters={"validatorUrl": None})  # no badge asking validator.swagger.io about the spec
+
+    @app.get(DOCS_ASSETS_PATH + "/{name}", include_in_schema=False)
+    async def swagger_ui_asset(request: Request, name: str = Path(max_length=64)) -> Response:
+        if name not in _DOCS_ASSETS:
+            raise NotFound(f"no docs file {name!r}")
+        data, etag = docs_asset(name)
+        headers = {"ETag": etag, "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+        if request.headers.get("if-none-match") == etag:  # revalidated: the browser keeps its copy
+            return Response(status_code=304, headers=headers)
+        return Response(data, media_type=_DOCS_ASSETS[name], headers=headers)

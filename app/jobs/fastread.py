@@ -18,7 +18,7 @@ from app.jobs.service import BUILTIN_PREFIX
 from app.webhooks.schemas import webhook_out
 
 _COLUMNS = ("id, kind, status, model_id, dataset_id, builtin_dataset, config::text AS config, device_requested, "
-            "progress, stage, attempts, max_attempts, error_code, error_message, metrics::text AS metrics, "
+            "queue, progress, stage, attempts, max_attempts, error_code, error_message, metrics::text AS metrics, "
             "artifact_id, worker, device, owner, created_at, started_at, finished_at, updated_at, callback_url, "
             "COALESCE((SELECT json_object_agg(l.key, l.value ORDER BY l.key COLLATE \"C\") FROM job_labels l "
             "WHERE l.job_id = jobs.id), '{}'::json)::text AS labels, "
@@ -72,9 +72,9 @@ def render(row: dict) -> bytes:
     return orjson.dumps(out, option=_JSON_OPTS)
 
 
-ORDER = ("id", "kind", "status", "model_id", "dataset_id", "config", "device_requested", "progress", "stage",
-         "attempts", "max_attempts", "error", "metrics", "artifact_id", "worker", "device", "owner", "created_at",
-         "started_at", "finished_at", "updated_at", "labels", "webhook")
+ORDER = ("id", "kind", "status", "model_id", "dataset_id", "config", "device_requested", "queue", "progress",
+         "stage", "attempts", "max_attempts", "error", "metrics", "artifact_id", "worker", "device", "owner",
+         "created_at", "started_at", "finished_at", "updated_at", "labels", "webhook")
 
 
 def _webhook(callback_url: str | None, delivery_json: str | None) -> dict | None:

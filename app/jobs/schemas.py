@@ -199,6 +199,9 @@ class JobOut(BaseModel):
     dataset_id: str | None
     config: dict[str, Any]
     device_requested: str
+    queue: str | None = Field(None, description="The queue the job was sent to: `gpu` (`device: cuda`, or `auto` "
+                              "while a live worker consumed `gpu`) or `cpu`; only a worker consuming it claims the "
+                              "job. Once claimed, `worker` names that worker and `device` where the job runs.")
     progress: float = Field(ge=0.0, le=1.0)
     stage: str
     attempts: int

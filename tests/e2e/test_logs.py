@@ -101,6 +101,8 @@ def test_api_processes_log_json_access_lines_with_the_request_id(pg_redis, tmp_p
             assert len(generated) == 16
             bad = c.get("/healthz", headers={"X-Request-ID": "x" * 200})  # too long: replaced, not echoed
             assert bad.headers["x-request-id"] != "x" * 200
+            for path in ("/docs", "/openapi.json", "/docs/assets/swagger-ui.css"):  # a browser on the docs
+                assert c.get(path, headers={"X-Request-ID": "quiet-read"}).status_code == 200, path
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
@@ -111,3 +113,55 @@ def test_api_processes_log_json_access_lines_with_the_request_id(pg_redis, tmp_p
     assert access[generated]["method"] == "GET"
     started = [r for r in records if r["logger"] == "uvicorn.error" and "Started server process" in r["message"]]
     assert len(started) == 2  # both processes log JSON
+    assert "quiet-read" not in access  # successful page and asset reads are DEBUG lines, below the INFO level
+
+
+LOG_SAMPLE = """
+import logging, sys
+from app.core.logs import setup_logging
+setup_logging("json", sys.argv[1])
+access = logging.getLogger("uvicorn.access")
+line = '%s - "%s %s HTTP/%s" %d'
+for method, path, status in [("GET", "/v1/jobs?limit=100", 200), ("GET", "/v1/jobs/abc", 200),
+                             ("GET", "/v1/models?limit=200", 200), ("GET", "/", 200), ("GET", "/dashboard/app.js", 304),
+                             ("GET", "/docs/assets/swagger-ui-bundle.js", 200), ("HEAD", "/openapi.json", 200),
+                             ("POST", "/v1/jobs", 202), ("GET", "/v1/jobs/abc", 404), ("GET", "/v1/jobs", 500),
+                             ("GET", "/v1/jobs/abc/events", 200), ("GET", "/v1/artifacts/x/content", 200),
+                             ("DELETE", "/v1/models/abc", 204), ("GET", "/healthz", 200)]:
+    access.info(line, "127.0.0.1:5", method, path, "1.1", status)
+logging.getLogger("alembic.runtime.plugins").info("setup plugin %s", "alembic.autogenerate.schemas")
+logging.getLogger("alembic.runtime.migration").info("Context impl %s.", "SQLiteImpl")
+logging.getLogger("alembic.runtime.migration").info("Will assume %s DDL.", "non-transactional")
+logging.getLogger("alembic.runtime.migration").info("Running upgrade %s -> %s, %s", "0003", "0004", "labels")
+logging.getLogger("kombu.connection").warning("No hostname was supplied. Reverting to default 'localhost'")
+logging.getLogger("kombu.connection").warning("some other kombu warning")
+"""
+
+
+def _sample_lines(level: str) -> list[dict]:
+    out = subprocess.run([sys.executable, "-c", LOG_SAMPLE, level], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0, out.stderr
+    return json_lines(out.stderr)
+
+
+def test_polls_assets_and_start_up_chatter_are_below_info_and_json_stays_intact():
+    records = _sample_lines("INFO")
+    shown = [(r["method"], r["path"], r["status"]) for r in records if r["logger"] == "uvicorn.access"]
+    assert shown == [("POST", "/v1/jobs", 202), ("GET", "/v1/jobs/abc", 404), ("GET", "/v1/jobs", 500),
+                     ("GET", "/v1/jobs/abc/events", 200), ("GET", "/v1/artifacts/x/content", 200),
+                     ("DELETE", "/v1/models/abc", 204), ("GET", "/healthz", 200)]
+    assert all(r["level"] == "INFO" for r in records if r["logger"] == "uvicorn.access")
+    others = [(r["logger"], r["level"], r["message"]) for r in records if r["logger"] != "uvicorn.access"]
+    assert others == [("alembic.runtime.migration", "INFO", "Running upgrade 0003 -> 0004, labels"),
+                      ("kombu.connection", "WARNING", "some other kombu warning")]
+
+    debug = _sample_lines("DEBUG")  # asked for: every line is there, the quieted ones as DEBUG
+    assert len([r for r in debug if r["logger"] == "uvicorn.access"]) == 14
+    quiet = [r for r in debug if r["level"] == "DEBUG"]
+    assert len(quiet) == 7 + 3 and {r["logger"] for r in quiet} == {
+        "uvicorn.access", "alembic.runtime.migration", "kombu.connection"}
+    assert any(r["logger"] == "alembic.runtime.plugins" for r in debug)  # its own level follows DEBUG
+    assert {r["path"] for r in quiet if r["logger"] == "uvicorn.access"} == {
+        "/v1/jobs?limit=100", "/v1/jobs/abc", "/v1/models?limit=200", "/", "/dashboard/app.js",
+        "/docs/assets/swagger-ui-bundle.js", "/openapi.json"}
