@@ -5,6 +5,10 @@ through the SDK and need no Settings: `--url` / $DISTILLERY_URL and `--api-key` 
 Exit codes, for pipelines: 0 success; 1 the job failed or was cancelled; 2 usage error; 3 the API refused the
 request (4xx: unknown id, invalid config, conflict, quota, auth); 4 service unavailable (503, connection error,
 5xx, a corrupt download); 5 `--timeout` passed before the job ended (the job goes on); 130 interrupted.
+
+With --json, stdout carries exactly one JSON document whatever happens (`jobs events`: one object a line): the
+result, or {"error": {"code", "message", "status_code", "detail"}, "exit_code": N}, usage errors found by argparse
+included (JsonArgumentParser). Numbers in text output are written by app.client.fmt.
 """
 from __future__ import annotations
 
@@ -18,11 +22,13 @@ from pathlib import Path
 from typing import Any, get_args
 
 from pydantic import BaseModel
+from pydantic import ValidationError as PydanticValidationError
 
+from app.client import fmt
 from app.client.client import DEFAULT_URL, Client, Job
 from app.client.errors import (ApiError, DistilleryError, DownloadError, JobFailed, ServerError, ServiceUnavailable,
                                WaitTimeout)
-from app.client.progress import ProgressBar, human_bytes
+from app.client.progress import ProgressBar
 from app.client.report import format_report
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_API, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
@@ -40,6 +46,85 @@ exit codes:
 
 class UsageError(Exception):
     """A bad command line the parser could not see (a missing file, bad JSON): exit 2."""
+
+
+# -- --json for usage errors ---------------------------------------------------------------------------------------
+# argparse reports a bad command line (a missing argument, a bad choice, an id that is not one) itself, before any
+# command runs: it prints to stderr and exits 2. Under --json the parser also writes the error document on stdout.
+
+_ARGV: list[str] | None = None  # the command line being parsed, while it is
+
+
+def json_requested(argv: list[str] | None) -> bool:
+    """Whether a command line asks for --json (or an unambiguous abbreviation), before any '--'."""
+    for token in argv or ():
+        if token == "--":
+            return False
+        if token.startswith("--js") and "--json".startswith(token):
+            return True
+    return False
+
+
+def error_document(code: str, message: str, exit_code: int, *, status_code: int | None = None,
+                   detail: Any = None) -> dict[str, Any]:
+    """The one shape every --json error takes on stdout."""
+    return {"error": {"code": code, "message": message, "status_code": status_code,
+                      "detail": detail if detail is not None else {}}, "exit_code": exit_code}
+
+
+class JsonArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors, when the command line has --json, also print the error document on stdout
+    (the usual usage and message still go to stderr; the exit status stays 2)."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        with _parsing(args):
+            return super().parse_args(args, namespace)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        with _parsing(args):
+            return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):  # type: ignore[override]
+        if json_requested(_ARGV):
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+            print(json.dumps(error_document("usage_error", message, EXIT_USAGE,
+                                            detail={"usage": " ".join(self.format_usage().split())}), indent=2))
+            sys.stdout.flush()
+            self.exit(EXIT_USAGE)
+        super().error(message)
+
+
+class _parsing:
+    """Remembers the whole command line for the outermost parse (subcommand parsers only see their tail)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.outer = False
+
+    def __enter__(self):
+        global _ARGV
+        if _ARGV is None:
+            self.outer = True
+            _ARGV = list(sys.argv[1:] if self.args is None else self.args)
+
+    def __exit__(self, *exc):
+        global _ARGV
+        if self.outer:
+            _ARGV = None
+
+
+def _json_errors(parser: argparse.ArgumentParser) -> None:
+    """Make `parser` and every subcommand parser under it a JsonArgumentParser. app/cli.py builds them as plain
+    ArgumentParsers; JsonArgumentParser adds no state, so switching the class of the built parsers is enough."""
+    if type(parser) is argparse.ArgumentParser:
+        parser.__class__ = JsonArgumentParser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            if action._parser_class is argparse.ArgumentParser:
+                action._parser_class = JsonArgumentParser
+            for sub in action.choices.values():
+                _json_errors(sub)
 
 
 def _schema_choices(model: type[BaseModel], field: str) -> list[str]:
@@ -91,6 +176,7 @@ class Out:
 
     def __init__(self, json_mode: bool):
         self.json_mode = json_mode
+        self.lines = False  # JSON lines (jobs events): an error document is one line too
         self.tty = _isatty(sys.stderr) and not json_mode
 
     def bar(self) -> ProgressBar:
@@ -147,7 +233,7 @@ def _labels_text(labels: dict | None) -> str:
 
 def _model_text(m) -> str:
     lines = [f"id        {m.id}", f"name      {m.name}", f"format    {m.format}",
-             f"size      {human_bytes(m.size_bytes)} ({m.size_bytes} bytes)", f"sha256    {m.sha256}",
+             f"size      {fmt.size(m.size_bytes)} ({fmt.count(m.size_bytes)} bytes)", f"sha256    {m.sha256}",
              f"owner     {m.owner}", f"created   {_when(m.created_at)}"]
     if getattr(m, "labels", None):
         lines.append(f"labels    {_labels_text(m.labels)}")
@@ -156,15 +242,16 @@ def _model_text(m) -> str:
         for s in specs:
             lines.append(f"{kind:<9} {s.name} {s.dtype} {s.shape}")
     if insp.params is not None:
-        lines.append(f"params    {insp.params}")
+        lines.append(f"params    {fmt.count(insp.params)}")
     return "\n".join(lines)
 
 
 def _dataset_text(d) -> str:
-    lines = [f"id        {d.id}", f"name      {d.name}", f"size      {human_bytes(d.size_bytes)}",
-             f"sha256    {d.sha256}", f"samples   {d.n_samples} (+{d.n_test} test; split {d.split})",
+    lines = [f"id        {d.id}", f"name      {d.name}", f"size      {fmt.size(d.size_bytes)}",
+             f"sha256    {d.sha256}",
+             f"samples   {fmt.count(d.n_samples)} (+{fmt.count(d.n_test)} test; split {d.split})",
              f"inputs    {', '.join(d.inputs)}", f"labels    {'yes' if d.has_labels else 'no'}"
-             + (f" ({d.num_classes} classes)" if d.num_classes else ""), f"created   {_when(d.created_at)}"]
+             + (f" ({fmt.count(d.num_classes)} classes)" if d.num_classes else ""), f"created   {_when(d.created_at)}"]
     for name, info in d.arrays.items():
         lines.append(f"array     {name} {info.dtype} {info.shape}")
     return "\n".join(lines)
@@ -173,7 +260,7 @@ def _dataset_text(d) -> str:
 def _job_text(j) -> str:
     info = j.info if isinstance(j, Job) else j
     lines = [f"id        {info.id}", f"kind      {info.kind}", f"status    {info.status}",
-             f"progress  {info.progress:.0%}  {info.stage}", f"model     {info.model_id}",
+             f"progress  {fmt.percent(info.progress)}  {info.stage}", f"model     {info.model_id}",
              f"dataset   {info.dataset_id or '-'}", f"config    {json.dumps(info.config)}",
              f"device    {info.device or info.device_requested}", f"attempts  {info.attempts}/{info.max_attempts}",
              f"created   {_when(info.created_at)}", f"finished  {_when(info.finished_at)}"]
@@ -190,7 +277,8 @@ def _job_text(j) -> str:
 
 def _artifact_text(a) -> str:
     return "\n".join([f"id        {a.id}", f"job       {a.job_id}", f"format    {a.format}",
-                      f"filename  {a.filename}", f"size      {human_bytes(a.size_bytes)} ({a.size_bytes} bytes)",
+                      f"filename  {a.filename}",
+                      f"size      {fmt.size(a.size_bytes)} ({fmt.count(a.size_bytes)} bytes)",
                       f"sha256    {a.sha256}", f"created   {_when(a.created_at)}"])
 
 
@@ -208,11 +296,38 @@ def _check_file(path: str) -> Path:
     return p
 
 
+def _stored(record: Any, existing: bool) -> dict[str, Any]:
+    """A model or dataset record for --json, with `existing`: true when the service already had this content (the
+    file was not uploaded again)."""
+    return {**_plain(record), "existing": existing}
+
+
+def _ensure_model(client: Client, out: Out, path: Path, name: str | None,
+                  labels: dict[str, str] | None = None) -> tuple[Any, bool]:
+    """The model of this file: reused when the service already stores the same content (sha256), else uploaded."""
+    m, existing = client.ensure_model(path, name, labels=labels, progress=_upload_progress(out, path, out.bar()))
+    if existing:
+        renamed = f"; stored as {m.name!r}, --name not applied" if name and name != m.name else ""
+        out.note(f"using model {m.id} (already uploaded{renamed})")
+    else:
+        out.note(f"model {m.id} uploaded ({fmt.size(m.size_bytes)})")
+    return m, existing
+
+
+def _ensure_dataset(client: Client, out: Out, path: Path, name: str | None = None) -> tuple[Any, bool]:
+    d, existing = client.ensure_dataset(path, name, progress=_upload_progress(out, path, out.bar()))
+    if existing:
+        renamed = f"; stored as {d.name!r}, --name not applied" if name and name != d.name else ""
+        out.note(f"using dataset {d.id} (already uploaded{renamed})")
+    else:
+        out.note(f"dataset {d.id} uploaded ({fmt.count(d.n_samples)} samples, {fmt.size(d.size_bytes)})")
+    return d, existing
+
+
 def cmd_models_upload(client: Client, args, out: Out) -> int:
     path = _check_file(args.file)
-    extra = {"labels": json.dumps(dict(args.label))} if args.label else {}
-    m = client.upload_model(path, args.name, progress=_upload_progress(out, path, out.bar()), **extra)
-    out.data(m, lambda: _model_text(m))
+    m, existing = _ensure_model(client, out, path, args.name, dict(args.label) or None)
+    out.data(_stored(m, existing), lambda: _model_text(m))
     return EXIT_OK
 
 
@@ -224,7 +339,7 @@ def cmd_models_list(client: Client, args, out: Out) -> int:
     else:
         p = client.list_models(cursor=args.cursor, limit=args.limit, labels=labels)
         items, page = p.items, p
-    out.data(page, lambda: _table([[m.id, m.name, m.format, human_bytes(m.size_bytes), _when(m.created_at)]
+    out.data(page, lambda: _table([[m.id, m.name, m.format, fmt.size(m.size_bytes), _when(m.created_at)]
                                    for m in items], ["ID", "NAME", "FORMAT", "SIZE", "CREATED"])
              + _more(page))
     return EXIT_OK
@@ -249,8 +364,8 @@ def cmd_models_delete(client: Client, args, out: Out) -> int:
 
 def cmd_datasets_upload(client: Client, args, out: Out) -> int:
     path = _check_file(args.file)
-    d = client.upload_dataset(path, args.name, progress=_upload_progress(out, path, out.bar()))
-    out.data(d, lambda: _dataset_text(d))
+    d, existing = _ensure_dataset(client, out, path, args.name)
+    out.data(_stored(d, existing), lambda: _dataset_text(d))
     return EXIT_OK
 
 
@@ -261,7 +376,7 @@ def cmd_datasets_list(client: Client, args, out: Out) -> int:
     else:
         p = client.list_datasets(cursor=args.cursor, limit=args.limit)
         items, page = p.items, p
-    out.data(page, lambda: _table([[d.id, d.name, str(d.n_samples), human_bytes(d.size_bytes), _when(d.created_at)]
+    out.data(page, lambda: _table([[d.id, d.name, fmt.count(d.n_samples), fmt.size(d.size_bytes), _when(d.created_at)]
                                    for d in items], ["ID", "NAME", "SAMPLES", "SIZE", "CREATED"]) + _more(page))
     return EXIT_OK
 
@@ -299,26 +414,24 @@ def _job_fields(args) -> dict[str, Any]:
 
 
 def _submit(client: Client, args, out: Out, kind: str, config: dict[str, Any]) -> tuple[Job, dict[str, Any]]:
-    """Upload what is a file (with a bar), then submit; returns the job and what was uploaded."""
+    """Use (or upload, with a bar) what is a file, then submit; returns the job and, for --json, the records of the
+    files given with `existing` (true: the service already had that content and nothing was uploaded)."""
     ref = _model_ref(args.model)
     dataset = _dataset_ref(args.dataset)
-    uploaded: dict[str, Any] = {}
+    files: dict[str, Any] = {}
     if isinstance(ref.get("model"), Path):
-        bar = out.bar()
-        uploaded["model"] = client.upload_model(ref["model"], getattr(args, "name", None),
-                                                progress=_upload_progress(out, ref["model"], bar))
-        out.note(f"model {uploaded['model'].id} uploaded ({human_bytes(uploaded['model'].size_bytes)})")
-        ref["model"] = uploaded["model"].id
+        m, existing = _ensure_model(client, out, ref["model"], getattr(args, "name", None))
+        files["model"] = _stored(m, existing)
+        ref["model"] = m.id
     if isinstance(dataset, Path):
-        bar = out.bar()
-        uploaded["dataset"] = client.upload_dataset(dataset, progress=_upload_progress(out, dataset, bar))
-        out.note(f"dataset {uploaded['dataset'].id} uploaded ({uploaded['dataset'].n_samples} samples)")
-        dataset = uploaded["dataset"].id
+        d, existing = _ensure_dataset(client, out, dataset)
+        files["dataset"] = _stored(d, existing)
+        dataset = d.id
     model = ref.pop("model")
     job = client.submit_job(kind, model, config, dataset=dataset, idempotency_key=getattr(args, "idempotency_key", None),
                             **_job_fields(args), **ref)
     out.note(f"job {job.id} submitted ({kind}, {config.get('method') or 'student'}); status {job.status}")
-    return job, uploaded
+    return job, files
 
 
 def _wait(job: Job, out: Out, timeout: float | None) -> Job:
@@ -344,10 +457,11 @@ def _job_exit(job: Job, out: Out) -> int:
 
 
 def cmd_jobs_submit(client: Client, args, out: Out) -> int:
-    job, _ = _submit(client, args, out, args.kind, args.config or {})
+    job, files = _submit(client, args, out, args.kind, args.config or {})
     if args.wait:
         _wait(job, out, args.timeout)
-    out.data(job, lambda: _job_text(job))
+    # --json: the job; with `uploads` (model / dataset records, each with `existing`) when files were given
+    out.data({**_plain(job), "uploads": files} if files else job, lambda: _job_text(job))
     return _job_exit(job, out) if args.wait else EXIT_OK
 
 
@@ -360,7 +474,7 @@ def cmd_jobs_list(client: Client, args, out: Out) -> int:
     else:
         p = client.list_jobs(cursor=args.cursor, limit=args.limit, **filters)
         items, page = p.items, p
-    out.data(page, lambda: _table([[j.id, j.kind, j.status, f"{j.progress:.0%}", j.stage[:40], _when(j.created_at)]
+    out.data(page, lambda: _table([[j.id, j.kind, j.status, fmt.percent(j.progress), j.stage[:40], _when(j.created_at)]
                                    for j in items], ["ID", "KIND", "STATUS", "PROGRESS", "STAGE", "CREATED"])
              + _more(page))
     return EXIT_OK
@@ -385,11 +499,12 @@ def cmd_jobs_cancel(client: Client, args, out: Out) -> int:
 
 
 def cmd_jobs_events(client: Client, args, out: Out) -> int:
+    out.lines = True
     for ev in client.job_events(args.id, args.last_event_id, timeout=args.timeout):
         if out.json_mode:
             print(ev.model_dump_json(), flush=True)
         else:
-            print(f"{ev.seq:>5}  {_when(ev.at)}  {ev.status:<9} {ev.progress:6.1%}  {ev.stage}", flush=True)
+            print(f"{ev.seq:>5}  {_when(ev.at)}  {ev.status:<9} {fmt.percent(ev.progress):>6}  {ev.stage}", flush=True)
     return EXIT_OK
 
 
@@ -403,7 +518,7 @@ def cmd_artifacts_download(client: Client, args, out: Out) -> int:
     bar = out.bar()
     path = client.download_artifact(args.id, args.output, progress=bar.upload("downloading") if out.tty else None)
     out.data({"artifact_id": args.id, "path": str(path), "size_bytes": path.stat().st_size},
-             f"saved {path} ({human_bytes(path.stat().st_size)})")
+             f"saved {path} ({fmt.size(path.stat().st_size)})")
     return EXIT_OK
 
 
@@ -472,6 +587,10 @@ def cmd_shortcut(client: Client, args, out: Out) -> int:
     _wait(job, out, args.timeout)
     result: dict[str, Any] = {**uploaded, "job": job, "artifact": None, "output": None}
     code = _job_exit(job, out)
+    if code != EXIT_OK:  # --json: the job's document, with the error block every failure has, and the exit code
+        err = job.error
+        result.update(error_document(err.code if err else job.status, err.message if err else f"job {job.status}",
+                                     code, detail={"job_id": job.id, "status": job.status}))
     if code == EXIT_OK and job.artifact_id and not args.no_download:
         bar = out.bar()
         artifact = job.artifact()
@@ -484,7 +603,7 @@ def cmd_shortcut(client: Client, args, out: Out) -> int:
         print(_job_text(job) if code != EXIT_OK else format_report(job.metrics))
         if result["output"]:
             print(f"\nartifact {result['artifact'].id} saved to {result['output']} "
-                  f"({human_bytes(result['artifact'].size_bytes)})")
+                  f"({fmt.size(result['artifact'].size_bytes)})")
     return code
 
 
@@ -492,7 +611,8 @@ def cmd_shortcut(client: Client, args, out: Out) -> int:
 
 
 def run(args) -> int:
-    """Run a client command and map what happened to the exit code."""
+    """Run a client command and map what happened to the exit code. With --json, stdout gets exactly one document:
+    the command's, or the error document."""
     out = Out(bool(getattr(args, "json", False)))
     url = getattr(args, "url", None) or os.environ.get("DISTILLERY_URL") or DEFAULT_URL
     api_key = getattr(args, "api_key", None) or os.environ.get("DISTILLERY_API_KEY") or None
@@ -508,20 +628,30 @@ def run(args) -> int:
     except WaitTimeout as exc:
         return _fail(out, exc, EXIT_TIMEOUT)
     except (UsageError, argparse.ArgumentTypeError, FileNotFoundError, IsADirectoryError) as exc:
-        print(f"distillery: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(out, DistilleryError(str(exc), code="usage_error"), EXIT_USAGE, f"distillery: error: {exc}")
+    except PydanticValidationError as exc:  # the service answered something that is not what the API says
+        return _fail(out, DistilleryError(f"unexpected answer from the service: {exc}", code="bad_response"),
+                     EXIT_UNAVAILABLE)
     except DistilleryError as exc:  # e.g. a malformed id
-        return _fail(out, exc, EXIT_USAGE)
+        return _fail(out, exc, EXIT_UNAVAILABLE if exc.code == "bad_response" else EXIT_USAGE)
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        return _fail(out, DistilleryError("interrupted", code="interrupted"), EXIT_INTERRUPTED,
+                     "distillery: interrupted")
+    except Exception as exc:
+        if out.json_mode:  # a bug: still one document on stdout; the traceback follows on stderr (exit 1)
+            _emit(out, error_document("client_error", f"{type(exc).__name__}: {exc}", 1))
+        raise
 
 
-def _fail(out: Out, exc: DistilleryError, code: int) -> int:
-    print(f"error: {exc}", file=sys.stderr)
+def _fail(out: Out, exc: DistilleryError, code: int, text: str | None = None) -> int:
+    print(text or f"error: {exc}", file=sys.stderr)
     if out.json_mode:
-        print(json.dumps({"error": {"code": exc.code, "message": exc.message, "status_code": exc.status_code,
-                                    "detail": exc.detail}, "exit_code": code}, indent=2))
+        _emit(out, error_document(exc.code, exc.message, code, status_code=exc.status_code, detail=exc.detail))
     return code
+
+
+def _emit(out: Out, doc: dict[str, Any]) -> None:
+    print(json.dumps(_plain(doc), indent=None if out.lines else 2), flush=True)
 
 
 def _client_options(g, suppress: bool) -> None:
@@ -715,6 +845,8 @@ def register(parser: argparse.ArgumentParser, sub) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--train-samples", type=int, default=None, metavar="N")
     p.add_argument("--compare-baseline", action="store_true", help="also train the student from labels alone")
+
+    _json_errors(parser)  # last: every parser of the tree, the ones app/cli.py made before this call included
 
 
 def is_client_command(args) -> bool:

@@ -25,10 +25,11 @@ import httpx
 from pydantic import BaseModel
 
 from app.artifacts.schemas import ArtifactOut
+from app.client import fmt
 from app.client._http import (CHUNK, ProgressFn, Retry, RetryPolicy, Transport, multipart_upload,
                               new_idempotency_key, part_path, raise_for_error)
-from app.client.errors import (Conflict, ConnectionFailed, DistilleryError, DownloadError, JobFailed,
-                               ServiceUnavailable, WaitTimeout)
+from app.client.errors import (BadRequest, Conflict, ConnectionFailed, DistilleryError, DownloadError, JobFailed,
+                               ServiceUnavailable, ValidationError, WaitTimeout)
 from app.client.progress import ProgressBar
 from app.client.report import format_report
 from app.core.schemas import Page
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 _ID = re.compile(r"^[0-9a-f]{32}$")
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _BUILTIN = re.compile(r"^builtin:[a-z0-9-]+$")
 T = TypeVar("T", bound=BaseModel)
 
@@ -156,10 +158,35 @@ class Client:
                      labels: Mapping[str, str] | None = None, progress: ProgressFn | None = None,
                      **fields: str) -> ModelOut:
         """POST /v1/models: stream a model file (ONNX or TorchScript) from disk; `progress(done, total)` follows the
-        bytes sent. `labels` and extra form `fields` are sent only when given."""
+        bytes sent. `labels` and extra form `fields` are sent only when given. Always sends the file (a service that
+        already stores the same content for this owner answers with that record); `ensure_model` looks first."""
+        return self._upload_model(path, name, labels, progress, fields)[0]
+
+    def find_model(self, file_or_sha256: str | os.PathLike) -> ModelOut | None:
+        """The model of this owner whose content is this file's (or has this sha256), or None: GET
+        /v1/models?sha256=HEX, the file hashed locally (streamed). A service without the filter answers its plain
+        list, whose records are checked too: None unless one of them really has the content."""
+        return self._find("/v1/models", ModelOut, file_or_sha256)
+
+    def ensure_model(self, path: str | os.PathLike, name: str | None = None, *,
+                     labels: Mapping[str, str] | None = None, progress: ProgressFn | None = None,
+                     **fields: str) -> tuple[ModelOut, bool]:
+        """The model of this file: the one already stored with the same content (`find_model`, nothing uploaded;
+        `labels` are merged into its labels, `name` is not changed), else the file uploaded. Returns (model,
+        already_stored): True when the file was not sent, or the service said it already had the content."""
+        found = self.find_model(_check_file(path))
+        if found is not None:
+            if labels:
+                found = self.set_model_labels(found.id, labels)
+            return found, True
+        return self._upload_model(path, name, labels, progress, fields)
+
+    def _upload_model(self, path: str | os.PathLike, name: str | None, labels: Mapping[str, str] | None,
+                      progress: ProgressFn | None, fields: Mapping[str, str]) -> tuple[ModelOut, bool]:
         if labels is not None:
             fields = {**fields, "labels": json.dumps(dict(labels))}
-        return ModelOut.model_validate(self._upload("/v1/models", path, name, progress, fields))
+        data, existing = self._upload("/v1/models", path, name, progress, fields)
+        return ModelOut.model_validate(data), existing
 
     def model_from_artifact(self, artifact_id: str, name: str | None = None, *,
                             labels: Mapping[str, str] | None = None) -> ModelOut:
@@ -205,8 +232,25 @@ class Client:
 
     def upload_dataset(self, path: str | os.PathLike, name: str | None = None, *,
                        progress: ProgressFn | None = None, **fields: str) -> DatasetOut:
-        """POST /v1/datasets: stream an .npz from disk (validated on the server without unpickling)."""
-        return DatasetOut.model_validate(self._upload("/v1/datasets", path, name, progress, fields))
+        """POST /v1/datasets: stream an .npz from disk (validated on the server without unpickling). Always sends
+        the file; `ensure_dataset` looks for the same content first."""
+        data, _ = self._upload("/v1/datasets", path, name, progress, fields)
+        return DatasetOut.model_validate(data)
+
+    def find_dataset(self, file_or_sha256: str | os.PathLike) -> DatasetOut | None:
+        """The dataset of this owner whose content is this file's (or has this sha256), or None: GET
+        /v1/datasets?sha256=HEX (see find_model)."""
+        return self._find("/v1/datasets", DatasetOut, file_or_sha256)
+
+    def ensure_dataset(self, path: str | os.PathLike, name: str | None = None, *,
+                       progress: ProgressFn | None = None, **fields: str) -> tuple[DatasetOut, bool]:
+        """The dataset of this file: the one already stored with the same content, else the file uploaded.
+        Returns (dataset, already_stored)."""
+        found = self.find_dataset(_check_file(path))
+        if found is not None:
+            return found, True
+        data, existing = self._upload("/v1/datasets", path, name, progress, fields)
+        return DatasetOut.model_validate(data), existing
 
     def list_datasets(self, *, cursor: str | None = None, limit: int | None = None,
                       **filters: Any) -> Page[DatasetOut]:
@@ -227,11 +271,13 @@ class Client:
                    labels: Mapping[str, str] | None = None, callback_url: str | None = None,
                    idempotency_key: str | None = None, upload_progress: ProgressFn | None = None,
                    **options: Any) -> Job:
-        """POST /v1/jobs. `model` is a model id, a ModelOut, a file path (uploaded first) or an ArtifactOut (an
-        earlier job's artifact: sent as `artifact_id`; or pass `artifact_id=` with model=None); `dataset` a dataset id,
-        `builtin:NAME`, a DatasetOut or an .npz path (uploaded first). `labels`, `callback_url` and any other
-        job field in `options` (e.g. `artifact_id=`) are sent only when given. An Idempotency-Key is always sent
-        (a fresh one unless given), so a retried submission never makes a second job."""
+        """POST /v1/jobs. `model` is a model id, a ModelOut, a file path or an ArtifactOut (an earlier job's
+        artifact: sent as `artifact_id`; or pass `artifact_id=` with model=None); `dataset` a dataset id,
+        `builtin:NAME`, a DatasetOut or an .npz path. A file path is hashed locally and the model (dataset) already
+        stored with that content is used; only a file the service does not have yet is uploaded (`ensure_model`).
+        `labels`, `callback_url` and any other job field in `options` (e.g. `artifact_id=`) are sent only when
+        given. An Idempotency-Key is always sent (a fresh one unless given), so a retried submission never makes a
+        second job."""
         body: dict[str, Any] = {"kind": kind, "config": _jsonable(config)}
         if isinstance(model, ArtifactOut):  # an earlier job's artifact as the input model
             body["artifact_id"] = model.id
@@ -370,29 +416,47 @@ class Client:
         return JobOut.model_validate(self._t.json("GET", f"/v1/jobs/{_check_id(job_id)}"))
 
     def _upload(self, path_: str, file: str | os.PathLike, name: str | None, progress: ProgressFn | None,
-                fields: Mapping[str, str]) -> Any:
-        file = Path(file)
-        if not file.is_file():
-            raise FileNotFoundError(f"no such file: {file}")
+                fields: Mapping[str, str]) -> tuple[Any, bool]:
+        """POST a multipart upload; (the record, whether the service already stored this content: a 200 with
+        `X-Distillery-Existing: true` rather than a 201)."""
+        file = _check_file(file)
         form = {k: str(v) for k, v in {"name": name, **fields}.items() if v is not None}
         headers, body = multipart_upload(file, form, progress)
         # 503 and a connection that never opened are retried (nothing was stored); a cut mid-upload is not.
-        return self._t.json("POST", path_, headers=headers, content=body, retry=Retry.CONNECT,
+        resp = self._t.send("POST", path_, headers=headers, content=body, retry=Retry.CONNECT,
                             timeout=httpx.Timeout(600.0, connect=10.0))
+        try:
+            data = resp.json()
+        except ValueError as exc:
+            raise DistilleryError(f"POST {path_}: the answer is not JSON", code="bad_response",
+                                  status_code=resp.status_code) from exc
+        existing = resp.headers.get("x-distillery-existing", "").lower() == "true" or resp.status_code == 200
+        return data, existing
+
+    def _find(self, path_: str, item: type[T], file_or_sha256: str | os.PathLike) -> T | None:
+        digest = _digest_of(file_or_sha256)
+        try:
+            page = self._page(path_, item, sha256=digest)
+        except (BadRequest, ValidationError):  # a service that refuses the filter: upload as before
+            return None
+        # Only records that really have the content count: a service without the filter lists everything. Of
+        # several (stored before uploads were deduplicated), the oldest, so that results gather on one record.
+        same = [r for r in page.items if str(getattr(r, "sha256", "")).lower() == digest]
+        return min(same, key=lambda r: (r.created_at, r.id)) if same else None
 
     def _model_id(self, model: ModelRef, progress: ProgressFn | None) -> str:
         if isinstance(model, ModelOut):
             return model.id
         if isinstance(model, str) and _ID.match(model) and not Path(model).is_file():
             return model
-        return self.upload_model(model, progress=progress).id
+        return self.ensure_model(model, progress=progress)[0].id
 
     def _dataset_id(self, dataset: DatasetRef, progress: ProgressFn | None) -> str:
         if isinstance(dataset, DatasetOut):
             return dataset.id
         if isinstance(dataset, str) and (_BUILTIN.match(dataset) or _ID.match(dataset)) and not Path(dataset).is_file():
             return dataset
-        return self.upload_dataset(dataset, progress=progress).id
+        return self.ensure_dataset(dataset, progress=progress)[0].id
 
     def _page(self, path: str, item: type[T], **params: Any) -> Page[T]:
         return Page[item].model_validate(self._t.json("GET", path, params=params))  # type: ignore[valid-type]
@@ -489,6 +553,24 @@ def _rehash(path: Path) -> Any:
     return h
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 (hex) of a file, read CHUNK bytes at a time (constant memory)."""
+    return _rehash(_check_file(path)).hexdigest()
+
+
+def _check_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such file: {p}")
+    return p
+
+
+def _digest_of(file_or_sha256: str | os.PathLike) -> str:
+    if isinstance(file_or_sha256, str) and _SHA256.match(file_or_sha256) and not Path(file_or_sha256).is_file():
+        return file_or_sha256.lower()
+    return file_sha256(file_or_sha256)
+
+
 def _check_id(value: str) -> str:
     if not isinstance(value, str) or not _ID.match(value):
         raise DistilleryError(f"{value!r} is not an id (32 lowercase hex characters)", code="invalid_id")
@@ -497,7 +579,8 @@ def _check_id(value: str) -> str:
 
 def _check_deadline(deadline: float | None, job_id: str) -> None:
     if deadline is not None and time.monotonic() >= deadline:
-        raise WaitTimeout(f"job {job_id} had not ended when the wait timed out")
+        raise WaitTimeout(f"job {job_id} had not ended when the wait timed out (it goes on)",
+                          detail={"job_id": job_id})
 
 
 def parse_sse(lines: Iterable[str], deadline: float | None = None, job_id: str = "") -> Iterator[JobEventOut]:
@@ -537,7 +620,8 @@ class Job:
         return getattr(self.info, name)
 
     def __repr__(self) -> str:
-        return f"<Job {self.info.id} {self.info.kind} {self.info.status} {self.info.progress:.0%} {self.info.stage!r}>"
+        return (f"<Job {self.info.id} {self.info.kind} {self.info.status} {fmt.percent(self.info.progress)} "
+                f"{self.info.stage!r}>")
 
     @property
     def done(self) -> bool:
@@ -614,4 +698,4 @@ class Job:
         return self.info.artifact_id
 
 
-__all__ = ["Client", "Job", "DEFAULT_URL", "ENDPOINTS", "TERMINAL", "parse_sse", "raise_for_error"]
+__all__ = ["Client", "Job", "DEFAULT_URL", "ENDPOINTS", "TERMINAL", "file_sha256", "parse_sse", "raise_for_error"]

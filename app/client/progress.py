@@ -6,17 +6,14 @@ import sys
 import time
 from typing import TextIO
 
+from app.client import fmt
+
 WIDTH = 24
 
 
 def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+    """Bytes in binary units ('807.0 KiB'): app.client.fmt.size, kept under this name for old imports."""
+    return fmt.size(n)
 
 
 class ProgressBar:
@@ -40,7 +37,7 @@ class ProgressBar:
         self._last_draw = now
         fraction = min(1.0, max(0.0, fraction))
         filled = int(round(fraction * WIDTH))
-        line = f"[{'#' * filled}{'.' * (WIDTH - filled)}] {fraction * 100:5.1f}%  {text}"
+        line = f"[{'#' * filled}{'.' * (WIDTH - filled)}] {fmt.percent(fraction):>6}  {text}"
         cols = shutil.get_terminal_size((100, 20)).columns
         line = line[: max(20, cols - 1)]
         pad = " " * max(0, self._last_len - len(line))
@@ -53,7 +50,7 @@ class ProgressBar:
         """A `progress(done, total)` callback for an upload."""
 
         def callback(done: int, total: int) -> None:
-            self.update(done / total if total else 1.0, f"{label}  {human_bytes(done)} / {human_bytes(total)}",
+            self.update(done / total if total else 1.0, f"{label}  {fmt.size(done)} / {fmt.size(total)}",
                         force=done in (0, total))
             if done >= total:
                 self.done()

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from app.client import (Client, Conflict, ConnectionFailed, DistilleryError, Job
                         ServiceUnavailable, Unauthorized, ValidationError, format_report)
 from app.client.client import ENDPOINTS
 from tests.e2e.conftest import free_port, wait_http
-from tests.helpers import digits_npz_bytes, write_mlp_onnx
+from tests.helpers import digits_npz_bytes, mlp_onnx_bytes, write_mlp_onnx
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,9 +81,23 @@ def server(tmp_path_factory):
 def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("files")
     bad = root / "bad.npz"
-    np.savez(bad, x=np.zeros((20, 7), np.float32))  # fits the model's input name, not its shape: the job fails
+    np.savez(bad, x=np.zeros((20, 7), np.float32))  # 7 features: the open model admits it, then cannot run it
     (root / "digits.npz").write_bytes(digits_npz_bytes())
-    return {"model": write_mlp_onnx(root / "mlp.onnx"), "data": root / "digits.npz", "bad": bad}
+    return {"model": write_mlp_onnx(root / "mlp.onnx"), "data": root / "digits.npz", "bad": bad,
+            "open": write_open_mlp_onnx(root / "open.onnx")}
+
+
+def write_open_mlp_onnx(path: Path) -> Path:
+    """The test MLP with its input declared (N, F): no fixed feature count, so the API admits any dataset of rank 2
+    and only the worker finds that 7 features cannot feed its 64-row weights: a job that fails on the worker."""
+    import onnx
+
+    model = onnx.load_from_string(mlp_onnx_bytes(seed=2))
+    dim = model.graph.input[0].type.tensor_type.shape.dim[1]
+    dim.ClearField("dim_value")
+    dim.dim_param = "F"
+    path.write_bytes(model.SerializeToString())
+    return path
 
 
 def test_importing_the_sdk_loads_nothing_heavy():
@@ -202,7 +217,7 @@ def test_errors_carry_the_api_code(server, files):
             client.upload_model(files["model"].with_name("missing.onnx"))
 
         # a job that fails: JobFailed carries its error code; raise_on_failure=False returns it
-        job = client.quantize(files["model"], method="static_int8", dataset=files["bad"], benchmark=QUICK)
+        job = client.quantize(files["open"], method="static_int8", dataset=files["bad"], benchmark=QUICK)
         with pytest.raises(JobFailed) as e:
             job.wait(timeout=240)
         assert e.value.job.status == "failed" and e.value.code in ("invalid_dataset", "invalid_model")
@@ -244,7 +259,8 @@ def test_errors_carry_the_api_code(server, files):
 
 
 class FakeApi:
-    """Answers each request with the next scripted reply for its path; records what it received."""
+    """Answers each request with the next scripted reply for "METHOD path" (else for its path; the last reply
+    repeats); records what it received."""
 
     def __init__(self):
         self.requests: list[dict] = []
@@ -260,10 +276,11 @@ class FakeApi:
             def _handle(self):
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
-                path = self.path.split("?")[0]
+                path, _, query = self.path.partition("?")
                 fake.requests.append({"method": self.command, "path": path, "headers": dict(self.headers),
-                                      "body": body})
-                replies = fake.routes.get(path) or [(404, {"error": {"code": "not_found", "message": path}})]
+                                      "body": body, "query": parse_qs(query)})
+                replies = (fake.routes.get(f"{self.command} {path}") or fake.routes.get(path)
+                           or [(404, {"error": {"code": "not_found", "message": path}})])
                 reply = replies.pop(0) if len(replies) > 1 else replies[0]
                 if callable(reply):
                     reply(self)
@@ -461,9 +478,11 @@ def test_report_table_reads_the_metrics_shape():
                "accuracy_drop": 0.005, "slower_than_baseline": True}
     text = format_report(metrics)
     rows = {line.split("  ")[0].strip(): line for line in text.splitlines()}
-    assert "4.0 MB" in rows["size"] and "1.0 MB" in rows["size"] and rows["size"].endswith("0.25x")
+    assert "3.8 MiB" in rows["size"] and "976.6 KiB" in rows["size"] and rows["size"].endswith("0.25x")
+    assert "1,000,000" in rows["params"] and "2,000,000" in rows["MACs"]
     assert rows["latency p50 @ batch 1"].endswith("2.00x faster")
     assert rows["latency p50 @ batch 64"].endswith("0.80x SLOWER")
     assert rows["accuracy"].endswith("-0.5 pt") and "99.0%" in rows["agreement (top-1)"]
+    assert "2.00 ms" in rows["latency p50 @ batch 1"] and "50.0 ms" in rows["latency p50 @ batch 64"]
     assert "SLOWER than the baseline" in text
     assert format_report(None) == "(no metrics)"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from app.cli import build_parser, main
-from tests.app.test_client import start_server
+from tests.app.test_client import start_server, write_open_mlp_onnx
 from tests.e2e.conftest import free_port
 from tests.helpers import digits_npz_bytes, write_mlp_onnx
 
@@ -30,8 +30,9 @@ def server(tmp_path_factory):
 def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("files")
     (root / "digits.npz").write_bytes(digits_npz_bytes())
-    np.savez(root / "bad.npz", x=np.zeros((20, 7), np.float32))  # the model's input name, not its shape
-    return {"model": write_mlp_onnx(root / "mlp.onnx"), "data": root / "digits.npz", "bad": root / "bad.npz"}
+    np.savez(root / "bad.npz", x=np.zeros((20, 7), np.float32))  # admitted by the open model, which cannot run it
+    return {"model": write_mlp_onnx(root / "mlp.onnx"), "data": root / "digits.npz", "bad": root / "bad.npz",
+            "other": write_mlp_onnx(root / "mlp2.onnx", seed=1), "open": write_open_mlp_onnx(root / "open.onnx")}
 
 
 def distillery(server, *args: str, cwd: Path, env: dict | None = None, timeout: float = 300):
@@ -58,6 +59,7 @@ def test_quantize_shortcut_json(server, files, tmp_path):
     job, art = out["job"], out["artifact"]
     assert job["status"] == "succeeded" and job["labels"] == {"suite": "cli"}
     assert out["model"]["format"] == "onnx" and out["dataset"]["has_labels"]
+    assert out["model"]["existing"] is False and out["dataset"]["existing"] is False  # the first run uploads
     assert Path(out["output"]) == tmp_path / "q.onnx"
     assert (tmp_path / "q.onnx").stat().st_size == art["size_bytes"] == job["metrics"]["result"]["size_bytes"]
     assert "\r" not in proc.stderr  # no progress bar when stderr is not a terminal
@@ -76,15 +78,18 @@ def test_quantize_shortcut_text_prints_the_table_and_downloads(server, files, tm
     assert any(line.startswith("size") and line.endswith("x") for line in lines)
     saved = [p for p in tmp_path.iterdir() if p.suffix == ".onnx"]
     assert len(saved) == 1 and f"saved to {saved[0]}" in proc.stdout
-    assert "uploaded" in proc.stderr and "submitted" in proc.stderr
+    # the same file as the previous test's: used as stored, not uploaded again
+    assert "(already uploaded)" in proc.stderr and "submitted" in proc.stderr
 
 
 def test_a_failed_job_exits_1(server, files, tmp_path):
-    proc = distillery(server, "quantize", str(files["model"]), "--method", "static_int8", "--dataset",
+    proc = distillery(server, "quantize", str(files["open"]), "--method", "static_int8", "--dataset",
                       str(files["bad"]), *QUICK, "--json", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
-    job = as_json(proc)["job"]
+    out = as_json(proc)
+    job = out["job"]
     assert job["status"] == "failed" and job["error"]["code"] in ("invalid_dataset", "invalid_model")
+    assert out["error"]["code"] == job["error"]["code"] and out["exit_code"] == 1  # the shape every failure has
     assert "failed" in proc.stderr and not list(tmp_path.iterdir())
 
 
@@ -97,7 +102,13 @@ def test_usage_errors_exit_2(server, files, tmp_path):
                  ["models"]):
         proc = distillery(server, *args, cwd=tmp_path)
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
-        assert "error" in proc.stderr
+        assert "error" in proc.stderr and proc.stdout == ""
+        # --json: the same, and one error document on stdout, whether argparse or the command found it
+        proc = distillery(server, *args, "--json", cwd=tmp_path)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert as_json(proc) == {"error": {"code": "usage_error", "message": as_json(proc)["error"]["message"],
+                                           "status_code": None, "detail": as_json(proc)["error"]["detail"]},
+                                 "exit_code": 2}, args
 
 
 def test_api_errors_exit_3(server, files, tmp_path):
@@ -128,8 +139,10 @@ def test_resource_commands(server, files, tmp_path):
         assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
         return proc
 
-    model = as_json(ok("models", "upload", str(files["model"]), "--name", "cli-mlp", "--json"))
+    model = as_json(ok("models", "upload", str(files["other"]), "--name", "cli-mlp", "--json"))
     assert model["name"] == "cli-mlp" and model["inspection"]["inputs"][0]["name"] == "x"
+    again = ok("models", "upload", str(files["other"]), "--json")  # the same content: the stored model
+    assert as_json(again)["id"] == model["id"] and as_json(again)["existing"] is True
     assert model["id"] in [m["id"] for m in as_json(ok("models", "list", "--all", "--json"))["items"]]
     assert "cli-mlp" in ok("models", "show", model["id"]).stdout
     data = as_json(ok("datasets", "upload", str(files["data"]), "--json"))
