@@ -17,10 +17,10 @@ from datetime import datetime, timezone
 import psutil
 from sqlalchemy.exc import DBAPIError
 
-from app.core.broker import queue_depth, send_run_job
+from app.core.broker import queue_depth
 from app.core.db import utcnow
 from app.core.tables import JobRow, WorkerRow
-from app.jobs import repository as repo
+from app.jobs import lifecycle, repository as repo
 from app.jobs.states import ErrorCode
 from app.webhooks.delivery import WebhookDeliverer
 from worker import childpool
@@ -117,16 +117,11 @@ def _in_tx(rt: Runtime, fn):
 
 
 def _requeue_or_fail(rt: Runtime, job: JobRow, reason: str, extra_where: list) -> None:
-    def move(session):
-        if job.attempts < job.max_attempts:
-            return repo.requeue(session, job.id, attempt=job.attempts, reason=reason, where=extra_where)
-        repo.fail(session, job.id, ErrorCode.worker_lost, f"{reason}; gave up after {job.attempts} attempts",
-                  attempt=job.attempts)
-        return None
-
-    if _in_tx(rt, move) is not None:
+    move = _in_tx(rt, lambda session: lifecycle.retry_or_fail(
+        session, job, attempt=job.attempts, reason=reason, code=ErrorCode.worker_lost, where=extra_where))
+    if move == lifecycle.Move.requeued:
         log.warning("job %s: %s; re-queued", job.id, reason)
-        send_run_job(rt.celery, job.id, job.queue)
+        _in_tx(rt, lambda session: lifecycle.dispatch(rt.celery, session, job))
 
 
 def reap_own(rt: Runtime, worker_name: str, before=None) -> None:
@@ -152,18 +147,13 @@ def reap_once(rt: Runtime, reap_stale: bool = True) -> None:
     for job in stale:
         _requeue_or_fail(rt, job, "the worker running this job stopped responding", [JobRow.heartbeat_at < cutoff])
     for job in exhausted:
-        _in_tx(rt, lambda session, j=job: repo.fail(session, j.id, ErrorCode.attempts_exhausted,
-                                                     f"the job was tried {j.attempts} times without finishing"))
+        _in_tx(rt, lambda session, j=job: lifecycle.fail_exhausted(session, j))
     for job in undispatched:
-        if job.attempts >= job.max_attempts:
+        if not lifecycle.attempts_left(job):
             continue
-        try:
-            send_run_job(rt.celery, job.id, job.queue)
-            _in_tx(rt, lambda session, j=job: repo.mark_dispatched(session, j.id))
-            log.info("job %s: dispatched again", job.id)
-        except Exception as exc:  # noqa: BLE001 - the broker is down; next round
-            log.warning("could not dispatch job %s: %s", job.id, exc)
-            break
+        if not _in_tx(rt, lambda session, j=job: lifecycle.dispatch(rt.celery, session, j, again=True)):
+            break  # the broker is down; next round
+        log.info("job %s: dispatched again", job.id)
 
 
 def _maybe_lost(rt: Runtime, session, jobs: list[JobRow]) -> list[JobRow]:

@@ -20,18 +20,18 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
 import psutil
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from app.core.broker import send_run_job
 from app.core.logs import child_log_spec, job_context
 from app.core.storage import ContentCorrupt, StorageUnavailable
 from app.core.tables import ArtifactRow, DatasetRow, JobRow, ModelRow
-from app.jobs import repository as repo
-from app.jobs.states import ErrorCode, JobStatus
+from app.jobs import lifecycle, repository as repo
+from app.jobs.states import ErrorCode
 from worker import childpool, protocol, sandbox
 from worker.runtime import Runtime
 
@@ -46,9 +46,17 @@ TRANSIENT_EXIT = 75  # EX_TEMPFAIL: the child hit a transient error; the job may
 MAX_WORK_ENTRIES = 100_000
 
 
+class Kind(StrEnum):
+    result = "result"  # the child reported a result (checked before it is believed)
+    error = "error"    # the job failed for a reason it or the worker knows (a code of ErrorCode or the engine's)
+    crash = "crash"    # the child exited without a result
+    killed = "killed"  # the supervisor stopped the child (a limit, a cancel)
+    lost = "lost"      # the job stopped being ours (its claim expired and was taken over): nothing is recorded
+
+
 @dataclass
 class Outcome:
-    kind: str  # "result" | "error" | "crash" | "killed"
+    kind: Kind
     code: str = ""
     message: str = ""
     result: protocol.Result | None = None
@@ -115,7 +123,7 @@ def _run_job(rt: Runtime, job_id: str, worker_name: str) -> str:
     refusal = next(filter(None, (pool.config.support.refusal(fmt) for fmt in (
         inputs["model_format"], inputs["student_model_format"]) if fmt)), None)
     if refusal is not None:
-        return _record(rt, job, attempt, Outcome("error", ErrorCode.sandbox_unavailable, refusal), provenance)
+        return _record(rt, job, attempt, Outcome(Kind.error, ErrorCode.sandbox_unavailable, refusal), provenance)
     child = pool.take()
     try:
         outcome = _supervise(rt, job, attempt, inputs, child)
@@ -131,13 +139,9 @@ def _run_job(rt: Runtime, job_id: str, worker_name: str) -> str:
 
 def _claim(session, job_id: str, worker_name: str) -> JobRow | None:
     current = repo.get(session, job_id)
-    if current is None or current.status != JobStatus.queued:
+    if current is None:
         return None
-    if current.attempts >= current.max_attempts:
-        repo.fail(session, job_id, ErrorCode.attempts_exhausted,
-                  f"the job was tried {current.attempts} times without finishing")
-        return None
-    return repo.claim(session, job_id, worker_name, _device_for(current))
+    return lifecycle.claim(session, job_id, worker_name, _device_for(current))
 
 
 def _inputs(rt: Runtime, session, job: JobRow) -> dict | Outcome:
@@ -160,14 +164,14 @@ def _fetch_inputs(rt: Runtime, spec: dict) -> dict | Outcome:
     for key, (label, sha256) in spec.pop("fetch").items():
         try:
             if not rt.storage.exists(sha256):
-                return Outcome("error", ErrorCode.input_missing, f"the {label}'s file is missing from storage")
+                return Outcome(Kind.error, ErrorCode.input_missing, f"the {label}'s file is missing from storage")
             spec[key] = str(rt.storage.local_path(sha256))
         except FileNotFoundError:
-            return Outcome("error", ErrorCode.input_missing, f"the {label}'s file is missing from storage")
+            return Outcome(Kind.error, ErrorCode.input_missing, f"the {label}'s file is missing from storage")
         except ContentCorrupt as exc:
-            return Outcome("error", ErrorCode.input_missing, f"the {label}'s stored file is corrupt: {exc.message}")
+            return Outcome(Kind.error, ErrorCode.input_missing, f"the {label}'s stored file is corrupt: {exc.message}")
         except StorageUnavailable as exc:
-            return Outcome("error", "storage_unavailable", f"could not fetch the {label}: {exc.message}",
+            return Outcome(Kind.error, "storage_unavailable", f"could not fetch the {label}: {exc.message}",
                            transient=True)
     return spec
 
@@ -236,9 +240,9 @@ def _supervise(rt: Runtime, job: JobRow, attempt: int, spec: dict, child: childp
         outcome = _Watch(rt, job, attempt, proc, reports, folder).run()
     finally:
         _kill(proc)  # a child that outlived its outcome (lost claim) must not keep running
-    if outcome.kind == "result":
+    if outcome.kind == Kind.result:
         outcome = _checked_result(rt, job, outcome, proc.returncode, folder)
-    if outcome.kind == "crash":
+    if outcome.kind == Kind.crash:
         tail = folder.log_path.read_text(errors="replace")[-2000:] if folder.log_path.exists() else ""
         log.warning("job %s: child crashed: %s\n%s", job.id, outcome.message,
                     "\n".join(f"  | {line}" for line in tail.splitlines()))
@@ -267,7 +271,7 @@ def _checked_result(rt: Runtime, job: JobRow, outcome: Outcome, returncode: int 
 
 def _violation(job: JobRow, message: str) -> Outcome:
     security_event(job, message)
-    return Outcome("error", ErrorCode.result_invalid, message)
+    return Outcome(Kind.error, ErrorCode.result_invalid, message)
 
 
 def open_artifact(folder: sandbox.JobFolder, max_bytes: int) -> BinaryIO:
@@ -344,9 +348,9 @@ class _Watch:
         elif isinstance(msg, protocol.Device):
             _safe_db(self.rt, lambda s: repo.set_device(s, self.job.id, msg.device))
         elif isinstance(msg, protocol.Result):
-            self.final = Outcome("result", result=msg)
+            self.final = Outcome(Kind.result, result=msg)
         elif isinstance(msg, protocol.Failure):
-            self.final = Outcome("error", msg.recorded_code(), msg.message, transient=msg.recorded_transient())
+            self.final = Outcome(Kind.error, msg.recorded_code(), msg.message, transient=msg.recorded_transient())
 
     def flush_progress(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -365,12 +369,12 @@ class _Watch:
         if self.final is not None:
             return self.final
         if self.proc.returncode == 71:  # the sandbox could not be applied (its message was lost)
-            return Outcome("error", ErrorCode.sandbox_unavailable, "the job sandbox could not be applied")
+            return Outcome(Kind.error, ErrorCode.sandbox_unavailable, "the job sandbox could not be applied")
         rc = self.proc.returncode
         if rc == -signal.SIGKILL:
-            return Outcome("crash", ErrorCode.out_of_memory,
+            return Outcome(Kind.crash, ErrorCode.out_of_memory,
                            "the job's process was killed by the system (most likely out of memory)")
-        return Outcome("crash", ErrorCode.engine_crashed, f"the job's process exited with code {rc}",
+        return Outcome(Kind.crash, ErrorCode.engine_crashed, f"the job's process exited with code {rc}",
                        transient=True)
 
     def check(self) -> Outcome | None:
@@ -379,12 +383,12 @@ class _Watch:
         if now > self.deadline:
             _dump_stacks(self.proc, self.job, self.folder)
             _kill(self.proc)
-            return Outcome("killed", ErrorCode.timeout,
+            return Outcome(Kind.killed, ErrorCode.timeout,
                            f"the job exceeded its time limit of {settings.job_time_limit_s:g} s")
         rss = _rss_tree(self.proc.pid)
         if rss > settings.job_memory_limit_bytes:
             _kill(self.proc)
-            return Outcome("killed", ErrorCode.out_of_memory, f"the job used {rss} bytes, over its memory limit "
+            return Outcome(Kind.killed, ErrorCode.out_of_memory, f"the job used {rss} bytes, over its memory limit "
                            f"of {settings.job_memory_limit_bytes} bytes")
         if now < self.next_beat:
             return None
@@ -392,7 +396,7 @@ class _Watch:
         used, entries = _usage(self.folder.work)
         if used > settings.job_disk_limit_bytes or entries > MAX_WORK_ENTRIES:
             _kill(self.proc)
-            return Outcome("killed", ErrorCode.disk_limit,
+            return Outcome(Kind.killed, ErrorCode.disk_limit,
                            f"the job wrote {used} bytes in {entries} files, over its disk limit of "
                            f"{settings.job_disk_limit_bytes} bytes or {MAX_WORK_ENTRIES} files")
         beat = _safe_db(self.rt, lambda s: repo.heartbeat(s, self.job.id, self.attempt))
@@ -401,10 +405,10 @@ class _Watch:
         ours, cancel = beat
         if not ours:
             _kill(self.proc)
-            return Outcome("killed", "lost_claim", "the job was taken over (its heartbeat had expired)")
+            return Outcome(Kind.lost, message="the job was taken over (its heartbeat had expired)")
         if cancel:
             _kill(self.proc)
-            return Outcome("killed", ErrorCode.cancelled, "cancelled by request")
+            return Outcome(Kind.killed, ErrorCode.cancelled, "cancelled by request")
         return None
 
     def run(self) -> Outcome:
@@ -439,23 +443,26 @@ def _safe_db(rt: Runtime, fn):
 
 
 def _record(rt: Runtime, job: JobRow, attempt: int, outcome: Outcome, provenance: dict) -> str:
-    if outcome.code == "lost_claim":
-        return "lost"
-    if outcome.kind == "result":
+    """The attempt's outcome, through the job lifecycle (app/jobs/lifecycle.py), retried while the database is
+    unreachable (the work is done: worth waiting for an outage to end)."""
+    if outcome.kind == Kind.lost:
+        return lifecycle.Move.lost
+    if outcome.kind == Kind.result:
         return _record_success(rt, job, attempt, outcome, provenance)
     if outcome.code == ErrorCode.cancelled:
-        _with_db_retry(rt, lambda s: repo.fail(s, job.id, ErrorCode.cancelled, outcome.message, attempt=attempt,
-                                               status=JobStatus.cancelled), patience_s=RECORD_PATIENCE_S)
-        return "cancelled"
-    if outcome.transient and attempt < job.max_attempts:
-        requeued = _with_db_retry(rt, lambda s: repo.requeue(s, job.id, attempt=attempt, reason=outcome.message),
-                                  patience_s=RECORD_PATIENCE_S)
-        if requeued is not None:
-            send_run_job(rt.celery, job.id, job.queue)
-        return "requeued"
-    _with_db_retry(rt, lambda s: repo.fail(s, job.id, outcome.code, outcome.message, attempt=attempt),
-                   patience_s=RECORD_PATIENCE_S)
-    return "failed"
+        def record(s):
+            return lifecycle.record_cancelled(s, job.id, attempt, outcome.message)
+    elif outcome.transient:
+        def record(s):
+            return lifecycle.retry_or_fail(s, job, attempt=attempt, reason=outcome.message, code=outcome.code,
+                                           message=outcome.message)
+    else:
+        def record(s):
+            return lifecycle.record_failure(s, job.id, attempt, outcome.code, outcome.message)
+    move = _with_db_retry(rt, record, patience_s=RECORD_PATIENCE_S)
+    if move == lifecycle.Move.requeued:
+        _with_db_retry(rt, lambda s: lifecycle.dispatch(rt.celery, s, job))
+    return move
 
 
 def store_artifact(storage, f: BinaryIO) -> tuple[str, int]:
@@ -489,11 +496,11 @@ def _record_success(rt: Runtime, job: JobRow, attempt: int, outcome: Outcome, pr
         artifact = ArtifactRow(owner=job.owner, job_id=job.id, format=fmt, size_bytes=size, sha256=sha,
                                filename=f"{stem}.{method}.{'onnx' if fmt == 'onnx' else 'pt'}")
         metrics = {**result.metrics, "provenance": {**provenance, "artifact_sha256": sha}}
-        return repo.succeed(session, job.id, attempt, artifact, metrics)
+        return lifecycle.record_success(session, job.id, attempt, artifact, metrics)
 
-    done = _with_db_retry(rt, commit, patience_s=RECORD_PATIENCE_S)
-    if done is None:
+    move = _with_db_retry(rt, commit, patience_s=RECORD_PATIENCE_S)
+    if move == lifecycle.Move.lost:
         log.warning("job %s: finished but no longer ours; result dropped", job.id)
-        return "lost"
-    log.info("job %s: succeeded", job.id)
-    return "succeeded"
+    else:
+        log.info("job %s: succeeded", job.id)
+    return move

@@ -1,6 +1,6 @@
 """Streaming multipart uploads: parsed as they arrive, written to a temp file while hashing, bounded in size.
 
-The request body is never held in memory (FastAPI's UploadFile spools the whole file first; see FACTS.md). The
+The request body is never held in memory (FastAPI's UploadFile would spool the whole file before the route runs). The
 parse is bounded: the file part by `max_upload_bytes`, the rest of the form (parts, their headers, text fields) by
 the constants below, and the whole body read by `max_upload_bytes + FORM_ALLOWANCE` whether or not a
 Content-Length is sent; reading stops the moment a bound is crossed. An owner's storage quota is applied while the

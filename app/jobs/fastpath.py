@@ -5,8 +5,8 @@ An ASGI middleware in front of the router. It answers the plain case only: a Pos
 query (open mode, or an API key verified within `auth_cache_s`) who is under the rate limit. It answers 200 with
 the reader's bytes, the route's own 404, or the route's 503 when the database is unreachable; everything else goes
 on to the route, which decides and phrases every refusal. It skips the router's path matching, the dependency
-solving, the exception layers and the request object (under wrk, FastAPI's share of the API's CPU fell from 12.5%
-to 2.6%: docs/benchmarks.md). The OpenAPI spec still describes the route; a test checks both answer the same bytes.
+solving, the exception layers and the request object (docs/benchmarks.md measures what that saves). The OpenAPI
+spec still describes the route; a test checks both answer the same bytes.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Jobs: create (validated, idempotent), dispatch after commit, cancel, read, stream events."""
+"""Jobs: create (validated, idempotent) and dispatch after commit, cancel, read (the moves: app/jobs/lifecycle.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -9,14 +9,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.core.broker import send_run_job
 from app.auth.keys import Principal
 from app.core.db import owner_limit_lock, utcnow
 from app.core.deps import Services
-from app.core.errors import Conflict, DistilleryError, InvalidTransition, NotFound, Unprocessable
+from app.core.errors import Conflict, DistilleryError, NotFound, Unprocessable
 from app.core.tables import JobLabelRow, JobRow, ModelRow, WorkerRow
 from app.datasets import service as datasets
-from app.jobs import admission, repository as repo
+from app.jobs import admission, lifecycle, repository as repo
 from app.jobs.methods import METHODS, MethodRule, method_of
 from app.jobs.schemas import JobCreate, JobError, JobOut, ModelStudent
 from app.jobs.states import JobStatus
@@ -44,7 +43,8 @@ def to_out(row: JobRow) -> JobOut:
     return JobOut(
         id=row.id, kind=row.kind, status=row.status, model_id=row.model_id,
         dataset_id=BUILTIN_PREFIX + row.builtin_dataset if row.builtin_dataset else row.dataset_id,
-        config=row.config, device_requested=row.device_requested, progress=row.progress, stage=row.stage,
+        config=row.config, device_requested=row.device_requested, queue=row.queue, progress=row.progress,
+        stage=row.stage,
         attempts=row.attempts, max_attempts=row.max_attempts,
         error=JobError(code=row.error_code, message=row.error_message or "") if row.error_code else None,
         metrics=row.metrics, artifact_id=row.artifact_id, worker=row.worker, device=row.device, owner=row.owner,
@@ -54,9 +54,10 @@ def to_out(row: JobRow) -> JobOut:
 
 
 def _check_dataset_fits(model_info: dict, dataset_info: dict) -> None:
-    model_inputs = [i["name"] for i in model_info.get("inputs", [])]
+    # a TorchScript model's inputs are known when it was traced (forward's argument names, as the worker feeds them)
+    model_inputs = [i["name"] for i in model_info.get("inputs") or model_info.get("traced_inputs") or []]
     given = set(dataset_info.get("inputs", []))
-    if len(model_inputs) == 1 and given == {"x"}:
+    if len(model_inputs) == 1 and "x" in given:  # the worker feeds a single input from `x` first
         return
     missing = [n for n in model_inputs if n not in given]
     if missing:
@@ -114,6 +115,7 @@ def create(services: Services, session: Session, who: Principal, body: JobCreate
     queue = _resolve_queue(session, services, body.device)
     admission.check_memory(session, services.settings, kind=body.kind, config=body.config, model=model,
                            dataset_id=dataset_id, builtin=builtin, queue=queue)
+    admission.check_input_shapes(session, model=model, dataset_id=dataset_id, builtin=builtin, config=body.config)
     with owner_limit_lock(session, owner, "concurrent_jobs"):  # the count and the insert, one at a time per owner
         _check_concurrency(services, session, owner)
         row = JobRow(owner=owner, kind=body.kind, status=JobStatus.queued.value, model_id=model.id,
@@ -133,7 +135,8 @@ def create(services: Services, session: Session, who: Principal, body: JobCreate
             if existing is None:
                 raise
             return _replay(existing, digest), False
-    dispatch(services, session, row)
+    if not lifecycle.dispatch(services.celery, session, row):
+        session.commit()
     return to_out(row), True
 
 
@@ -197,16 +200,6 @@ def _replay(existing: JobRow, digest: str) -> JobOut:
     return to_out(existing)
 
 
-def dispatch(services: Services, session: Session, row: JobRow) -> None:
-    """Send the job id to the broker, after the row is committed. A failed send is redone by the reaper."""
-    try:
-        send_run_job(services.celery, row.id, row.queue)
-    except Exception as exc:  # noqa: BLE001 - the database keeps the job; the reaper re-dispatches it
-        log.warning("could not enqueue job %s (%s); it stays queued and will be re-dispatched", row.id, exc)
-        repo.mark_dispatched(session, row.id, dispatched=False)
-        session.commit()
-
-
 def job_not_found(job_id: str) -> NotFound:
     return NotFound(f"job {job_id} not found", code="job_not_found")
 
@@ -219,20 +212,6 @@ def get(session: Session, owner: str | None, job_id: str) -> JobRow:
 
 
 def cancel(session: Session, owner: str | None, job_id: str) -> JobOut:
-    row = get(session, owner, job_id)
-    if row.status == JobStatus.queued:
-        done = repo.cancel_queued(session, job_id)
-        if done is not None:
-            session.commit()
-            return to_out(done)
-        row = get(session, owner, job_id)  # it was claimed meanwhile
-    if row.status == JobStatus.running:
-        done = repo.request_cancel(session, job_id)
-        session.commit()
-        if done is not None:
-            return to_out(done)
-        row = get(session, owner, job_id)
-    if row.status in (JobStatus.queued, JobStatus.running):  # raced twice; the client may retry
-        raise Conflict("the job changed state while cancelling; retry", code="retry")
-    raise InvalidTransition(f"job {job_id} is already {row.status}; only queued or running jobs can be cancelled",
-                            detail={"status": row.status})
+    done = lifecycle.cancel(session, get(session, owner, job_id))
+    session.commit()
+    return to_out(done)
