@@ -6,7 +6,6 @@ import pickle
 import random
 import subprocess
 import sys
-import time
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -253,17 +252,14 @@ def test_big_initializer_is_skipped_not_read(tmp_path):
 
     tracemalloc.start()
     try:
-        started = time.perf_counter()
         info = inspect_model(path)
-        elapsed = time.perf_counter() - started
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
 
     assert info.params == rows * cols
     assert info.outputs == [TensorSpec("y", "float32", [])]
-    assert elapsed < 1.0
-    assert peak < 20 * 1024 * 1024
+    assert peak < 20 * 1024 * 1024  # the 200 MiB of weights were skipped, never held
 
 
 # --------------------------------------------------------------------------- TorchScript

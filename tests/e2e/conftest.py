@@ -18,6 +18,8 @@ from app.core.db import Database, utcnow
 from app.core.tables import WorkerRow
 from tests.conftest import make_settings
 
+HELD_JOB_PLUGIN = Path(__file__).with_name("held_job.py")
+
 FAST = {"heartbeat_interval_s": 0.5, "worker_lost_after_s": 4.0, "reaper_interval_s": 0.5,
         "redispatch_after_s": 30.0}
 
@@ -36,7 +38,10 @@ class WorkerProc:
                "--loglevel", "INFO"]
         self._log = open(log, "ab")
         self.born = utcnow()
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **settings_env(settings)}, stdout=self._log,
+        env = {**os.environ, **settings_env(settings)}
+        # every test worker can run held jobs (tests/e2e/held_job.py), beside the plugins a test names
+        env["DISTILLERY_JOB_PLUGINS"] = ",".join(filter(None, (settings.job_plugins, str(HELD_JOB_PLUGIN))))
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True,
                                      cwd=Path(__file__).resolve().parents[2])
         self.wait_registered()
