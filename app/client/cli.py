@@ -851,3 +851,26 @@ def register(parser: argparse.ArgumentParser, sub) -> None:
 
 def is_client_command(args) -> bool:
     return getattr(args, "client_func", None) is not None
+
+
+# -- the client distribution's own `distillery` ------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`distillery` with the client commands only: the parser of the distillery-client distribution (pip install
+    ./app/client), which has no server. The server distribution's `distillery` (app/cli.py) registers the same
+    commands beside serve, api, worker, migrate and keys."""
+    parser = argparse.ArgumentParser(
+        prog="distillery", description="Client of a Distillery service (model compression as a service). The "
+        "server commands (serve, api, worker, migrate, keys, example) come with the server distribution.")
+    register(parser, parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of distillery-client's `distillery` command."""
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
