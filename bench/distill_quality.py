@@ -3,6 +3,8 @@
 
     .venv/bin/python bench/distill_quality.py            # both datasets, seeds 0, 1, 2 (about 15-25 min, 2 cores)
     .venv/bin/python bench/distill_quality.py --quick    # smoke check: mnist, seed 0, 2 epochs
+    taskset -c 1 .venv/bin/python bench/distill_quality.py --defaults   # the defaults study (about 25 min, 1 core)
+    .venv/bin/python bench/distill_quality.py --guide      # the guide's distill example, seeds 0-2 (about 1 min)
 
 For each dataset: train the teacher (seeded, on all 60,000 training images), export it to ONNX, then for each seed
 run a distill job on the built-in dataset with compare_baseline=true, which trains the KD student and the
@@ -17,6 +19,20 @@ the full set.
 Checks, per dataset: mean KD student accuracy >= teacher accuracy - 1.5 points, and mean(KD) > mean(labels-only).
 Results: bench/results/distill_quality.json (with the machine facts and the command). Timing is reported, never
 asserted.
+
+`--defaults` measures the distill defaults instead (temperature, lr, min_steps; alpha stays 0.7), each case through
+`run_job` with compare_baseline (so both students train on the same 90% and the report's test accuracies are
+compared), written to bench/results/distill_defaults.json:
+- digits: the example CNN (`worker.examples`, seed 0) as the teacher, the guide's {"arch": "cnn", "channels":
+  [8, 16]} student, 10 epochs, on all 1,437 training rows and on a 400-row transfer subset (train_samples), seeds
+  0, 1, 2: the small-data case the user hit (10 epochs there are ~110 optimizer steps);
+- mnist and fashion-mnist: the teacher above (3 epochs on all 60,000 images), the default MLP student (256, 128),
+  10 epochs over all 60,000 images, seeds 0 and 1; and fashion-mnist on a 5,000-row subset.
+Run it pinned to one core (taskset): the engine then trains with one thread, as a 1-core job would.
+
+`--guide` runs the docs/guide.md distill example through `run_job` with the config the CLI sends (everything else
+at its default), on the example files `distillery example` writes, for seeds 0, 1 and 2, and the user's original
+command (all 1,437 rows) beside it; results in bench/results/distill_guide.json.
 """
 
 from __future__ import annotations
@@ -63,6 +79,28 @@ DISTILL = {
 }
 QUICK = {"teacher_epochs": 1, "epochs": 2}
 MARGIN_POINTS = 1.5
+
+#: The defaults study: configurations (alpha 0.7 in all), and the cases they run on.
+DEFAULTS_CONFIGS = {
+    "T4_lr0.001_min0 (before)": {"temperature": 4.0, "lr": 0.001, "min_steps": 0},
+    "T4_lr0.001_min1000": {"temperature": 4.0, "lr": 0.001, "min_steps": 1000},
+    "T4_lr0.003_min1000": {"temperature": 4.0, "lr": 0.003, "min_steps": 1000},
+    "T2_lr0.001_min1000": {"temperature": 2.0, "lr": 0.001, "min_steps": 1000},
+    "T2_lr0.003_min1000": {"temperature": 2.0, "lr": 0.003, "min_steps": 1000},
+}
+DEFAULTS_CASES = [
+    {"name": "digits example, cnn [8, 16]", "dataset": "digits", "student": {"arch": "cnn", "channels": [8, 16]},
+     "train_samples": 0, "seeds": [0, 1, 2]},
+    {"name": "digits example, cnn [8, 16], 400-row transfer subset", "dataset": "digits",
+     "student": {"arch": "cnn", "channels": [8, 16]}, "train_samples": 400, "seeds": [0, 1, 2]},
+    {"name": "mnist, mlp [256, 128]", "dataset": "mnist", "student": {"arch": "mlp", "hidden": [256, 128]},
+     "train_samples": 0, "seeds": [0, 1], "skip": ["T4_lr0.001_min0 (before)"]},
+    {"name": "fashion-mnist, mlp [256, 128]", "dataset": "fashion-mnist",
+     "student": {"arch": "mlp", "hidden": [256, 128]}, "train_samples": 0, "seeds": [0, 1],
+     "skip": ["T4_lr0.001_min0 (before)"]},
+    {"name": "fashion-mnist, mlp [256, 128], 5,000-row transfer subset", "dataset": "fashion-mnist",
+     "student": {"arch": "mlp", "hidden": [256, 128]}, "train_samples": 5000, "seeds": [0, 1]},
+]
 
 
 def build_teacher(channels: tuple[int, int], hidden: int):
@@ -142,17 +180,130 @@ def distill(name: str, teacher_path: Path, seed: int, config: dict, work: Path) 
     }
 
 
+def defaults_study(work: Path, only: list[str] | None) -> dict:
+    """Every DEFAULTS_CONFIGS entry on every DEFAULTS_CASES case (the named `only` cases, if given)."""
+    from worker.examples import write_example
+
+    teachers: dict[str, dict] = {}
+    cases = []
+    for case in DEFAULTS_CASES:
+        if only and case["dataset"] not in only:
+            continue
+        name = case["dataset"]
+        if name not in teachers:
+            if name == "digits":
+                ex = write_example(work / "example", seed=0)
+                teachers[name] = {"path": Path(ex["onnx"]), "source": "worker.examples (seed 0)",
+                                  "params": ex["params"], "test_accuracy": ex["test_accuracy"]}
+            else:
+                print(f"== {name}: training the teacher", flush=True)
+                teachers[name] = {**train_teacher(name, TEACHER["epochs"], work), "source": "bench teacher"}
+        teacher = teachers[name]
+        rows = []
+        for label, overrides in DEFAULTS_CONFIGS.items():
+            if label in case.get("skip", []):
+                continue
+            runs = []
+            for seed in case["seeds"]:
+                config = {"student": case["student"], "alpha": 0.7, "epochs": 10, "batch_size": 128,
+                          "compare_baseline": True, "train_samples": case["train_samples"],
+                          "benchmark": {"batch_sizes": [1], "repeats": 3, "warmup": 1}, **overrides, "seed": seed}
+                started = time.perf_counter()
+                spec = JobSpec("distill", teacher["path"], "onnx", None, config, builtin_dataset=name)
+                m = run_job(spec, RunContext("cpu", work / f"{name}-{len(cases)}-{label}-{seed}")).metrics
+                c = m["method"]["comparison"]
+                runs.append({"seed": seed, "kd": c["kd"], "labels_only": c["labels_only"], "kept": c["kept"],
+                             "steps": m["method"]["steps"], "kept_test_accuracy": m["result"]["accuracy"],
+                             "seconds": round(time.perf_counter() - started, 1)})
+            row = {
+                "config": label, **overrides,
+                "kd_mean": round(100 * statistics.fmean(r["kd"] for r in runs), 2),
+                "labels_only_mean": round(100 * statistics.fmean(r["labels_only"] for r in runs), 2),
+                "kept_mean": round(100 * statistics.fmean(r["kept_test_accuracy"] for r in runs), 2),
+                "kd_wins": sum(r["kd"] > r["labels_only"] for r in runs),
+                "steps": runs[0]["steps"],
+                "runs": runs,
+            }
+            row["delta_points"] = round(row["kd_mean"] - row["labels_only_mean"], 2)
+            rows.append(row)
+            print(f"   {case['name']:<58} {label:<26} KD {row['kd_mean']:6.2f}  labels-only "
+                  f"{row['labels_only_mean']:6.2f}  delta {row['delta_points']:+.2f}  kept {row['kept_mean']:6.2f}  "
+                  f"({row['steps']} steps)", flush=True)
+        cases.append({**{k: v for k, v in case.items() if k != "skip"},
+                      "teacher": {k: v for k, v in teacher.items() if k != "path"}, "rows": rows})
+    return {"configs": DEFAULTS_CONFIGS, "alpha": 0.7, "epochs": 10, "batch_size": 128, "cases": cases}
+
+
+#: docs/guide.md's distill example: what `distillery distill example/digits_cnn.onnx --student '{"arch": "cnn",
+#: "channels": [8, 16]}' --dataset example/digits.npz --train-samples 200 --compare-baseline` submits.
+GUIDE_CONFIG = {"student": {"arch": "cnn", "channels": [8, 16]}, "train_samples": 200, "compare_baseline": True}
+GUIDE_CASES = {"guide: 200-row transfer subset": GUIDE_CONFIG,
+               "all 1,437 rows, 10 epochs": {**GUIDE_CONFIG, "train_samples": 0, "epochs": 10}}
+
+
+def guide_runs(work: Path) -> dict:
+    from worker.engine.distill import DistillConfig
+    from worker.examples import write_example
+
+    example = write_example(work / "example", seed=0)
+    out: dict = {"example": {k: example[k] for k in ("params", "test_accuracy", "train_samples", "test_samples")},
+                 "cases": {}}
+    for name, config in GUIDE_CASES.items():
+        runs = []
+        for seed in (0, 1, 2):
+            spec = JobSpec("distill", Path(example["onnx"]), "onnx", Path(example["dataset"]), {**config, "seed": seed})
+            m = run_job(spec, RunContext("cpu", work / f"{len(out['cases'])}-{seed}")).metrics
+            c = m["method"]["comparison"]
+            runs.append({"seed": seed, "teacher": m["baseline"]["accuracy"], "kd": c["kd"],
+                         "labels_only": c["labels_only"],
+                         "delta": c["delta"], "kept": c["kept"], "kept_reason": c["kept_reason"],
+                         "result_accuracy": m["result"]["accuracy"], "steps": m["method"]["steps"],
+                         "train_rows": m["method"]["train_rows"], "validation_rows": m["method"]["validation_rows"],
+                         "student_params": m["method"]["params"]["student"], "params_ratio": m["ratios"]["params"]})
+            print(f"   {name:<34} seed {seed}: KD {c['kd']:.4f}  labels-only {c['labels_only']:.4f}  kept {c['kept']}",
+                  flush=True)
+        config_used = DistillConfig.from_dict({k: v for k, v in config.items() if k != "seed"}).to_dict()
+        out["cases"][name] = {"config": config, "effective_config": config_used, "runs": runs,
+                              "kd_mean": statistics.fmean(r["kd"] for r in runs),
+                              "labels_only_mean": statistics.fmean(r["labels_only"] for r in runs)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one dataset, one seed, 1-2 epochs (smoke check)")
-    parser.add_argument("--datasets", nargs="+", choices=DATASETS, help="only these built-in datasets")
+    parser.add_argument("--defaults", action="store_true", help="measure the distill defaults instead")
+    parser.add_argument("--guide", action="store_true", help="run the guide's distill example (seeds 0-2)")
+    parser.add_argument("--datasets", nargs="+", choices=(*DATASETS, "digits"), help="only these built-in datasets")
     parser.add_argument("--student-channels", nargs="+", type=int, help="the CNN student's channels (default "
                         f"{STUDENT['channels']})")
     args = parser.parse_args(argv)
     mark_start()
+    if args.guide:
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="distill-guide-") as tmp:
+            guide = guide_runs(Path(tmp))
+        guide["versions"] = _versions()
+        guide["total_seconds"] = round(time.perf_counter() - started, 1)
+        out = write_results("distill_guide", guide)
+        print(f"wrote {out.relative_to(ROOT)}")
+        return 0
+    if args.defaults:
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="distill-defaults-") as tmp:
+            study = defaults_study(Path(tmp), args.datasets)
+        study["versions"] = _versions()
+        study["total_seconds"] = round(time.perf_counter() - started, 1)
+        name = "distill_defaults" + ("_" + "_".join(args.datasets) if args.datasets else "")
+        out = write_results(name, study)
+        print(f"wrote {out.relative_to(ROOT)}")
+        return 0
     if args.student_channels:
         DISTILL["student"] = {**STUDENT, "channels": args.student_channels}
 
+    if args.datasets and "digits" in args.datasets:
+        parser.error("digits is a --defaults case only (the quality benchmark trains its teacher on mnist and "
+                     "fashion-mnist)")
     datasets = args.datasets or (DATASETS[:1] if args.quick else DATASETS)
     seeds = SEEDS[:1] if args.quick else SEEDS
     config = {**DISTILL, "epochs": QUICK["epochs"]} if args.quick else dict(DISTILL)

@@ -4,11 +4,17 @@
 
 writes DIR/digits_cnn.onnx (dynamic batch dim, opset 17), DIR/digits_cnn.pt (TorchScript) and DIR/digits.npz
 (x, y, x_test, y_test) and prints a JSON summary. Nothing is downloaded: load_digits ships with scikit-learn.
+
+The CNN (206,282 parameters) trains for 6 epochs (138 Adam steps, one-cycle learning rate up to 0.004) on the
+1,437 training images, on one CPU thread: on 2 cores, torch's two intra-op threads made training 4-8x slower
+whenever anything else used the CPU (25 s under load instead of 3 s), one thread keeps it at about 2-3 s loaded
+or not. Seed 0 reaches 98.1% test accuracy (seeds 0-2: 98.1, 98.3, 98.1%).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 import warnings
@@ -59,26 +65,58 @@ def build_digits_cnn(width: int = 16):
     )
 
 
-def train_digits_cnn(data: DigitsData, seed: int = 0, epochs: int = 15, width: int = 16, batch_size: int = 64):
-    """Train the CNN on CPU, seeded; returns the model in eval mode."""
+#: Training recipe of the example CNN: epochs, batch size and the peak of the one-cycle learning rate (Adam).
+EXAMPLE_EPOCHS = 6
+EXAMPLE_BATCH = 64
+EXAMPLE_MAX_LR = 4e-3
+#: Threads torch trains the example with (see the module docstring: one is the fast choice on a busy 2-core box).
+TRAIN_THREADS = 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to `n` for the block, restored after."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def train_digits_cnn(
+    data: DigitsData,
+    seed: int = 0,
+    epochs: int = EXAMPLE_EPOCHS,
+    width: int = 16,
+    batch_size: int = EXAMPLE_BATCH,
+    max_lr: float = EXAMPLE_MAX_LR,
+):
+    """Train the CNN on CPU, seeded, with Adam and a one-cycle learning rate; returns the model in eval mode."""
     import torch
 
     torch.manual_seed(seed)
     model = build_digits_cnn(width)
     x = torch.from_numpy(data.x_train)
     y = torch.from_numpy(data.y_train)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=max_lr)
+    steps_per_epoch = (len(x) + batch_size - 1) // batch_size
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=epochs * steps_per_epoch)
     loss_fn = torch.nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), batch_size):
-            idx = order[start : start + batch_size]
-            optimizer.zero_grad()
-            loss = loss_fn(model(x[idx]), y[idx])
-            loss.backward()
-            optimizer.step()
+    with torch_threads(TRAIN_THREADS):
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=generator)
+            for start in range(0, len(x), batch_size):
+                idx = order[start : start + batch_size]
+                optimizer.zero_grad()
+                loss = loss_fn(model(x[idx]), y[idx])
+                loss.backward()
+                optimizer.step()
+                schedule.step()
     return model.eval()
 
 
@@ -139,7 +177,7 @@ def export_torchscript(model, path: Path, sample: np.ndarray) -> Path:
 EXAMPLE_WIDTH = 64
 
 
-def write_example(out_dir: Path, seed: int = 0, epochs: int = 10, width: int = EXAMPLE_WIDTH) -> dict:
+def write_example(out_dir: Path, seed: int = 0, epochs: int = EXAMPLE_EPOCHS, width: int = EXAMPLE_WIDTH) -> dict:
     """Train and write the example files; returns the summary that the CLI prints."""
     import torch
 
@@ -147,7 +185,9 @@ def write_example(out_dir: Path, seed: int = 0, epochs: int = 10, width: int = E
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     data = load_digits_split(seed)
+    training = time.perf_counter()
     model = train_digits_cnn(data, seed=seed, epochs=epochs, width=width)
+    train_seconds = time.perf_counter() - training
     sample = data.x_test[:2]
     onnx_path = export_onnx(model, out_dir / "digits_cnn.onnx", sample)
     ts_path = export_torchscript(model, out_dir / "digits_cnn.pt", sample)
@@ -161,6 +201,8 @@ def write_example(out_dir: Path, seed: int = 0, epochs: int = 10, width: int = E
         "test_samples": int(len(data.y_test)),
         "test_accuracy": round(evaluate_accuracy(model, data.x_test, data.y_test), 4),
         "params": int(sum(p.numel() for p in model.parameters())),
+        "epochs": epochs,
+        "train_seconds": round(train_seconds, 2),
         "seconds": round(time.perf_counter() - started, 2),
     }
 
@@ -169,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write the example files in")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=EXAMPLE_EPOCHS)
     parser.add_argument("--width", type=int, default=EXAMPLE_WIDTH, help="channels of the first conv layer")
     args = parser.parse_args(argv)
     print(json.dumps(write_example(args.out, seed=args.seed, epochs=args.epochs, width=args.width), indent=2))

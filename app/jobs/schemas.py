@@ -135,7 +135,9 @@ class DistillConfig(StrictModel):
     alpha: float = Field(0.7, ge=0.0, le=1.0, description="Weight of the soft-target term (1 - alpha: hard labels).")
     epochs: int = Field(10, ge=1, le=1000)
     batch_size: int = Field(128, ge=1, le=65536)
-    lr: float = Field(0.001, gt=0.0, le=10.0)
+    lr: float = Field(0.003, gt=0.0, le=10.0)
+    min_steps: int = Field(1000, ge=0, le=1_000_000, description="Train at least this many optimizer steps, adding "
+                           "whole epochs when `epochs` gives fewer (small datasets); 0: exactly `epochs`.")
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr_schedule: Literal["constant", "cosine", "step"] = "cosine"
     seed: int = Field(0, ge=0, le=2**31 - 1)

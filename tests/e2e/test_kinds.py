@@ -81,7 +81,13 @@ def test_distill_into_a_small_mlp_on_a_builtin_dataset(api):
     assert m["result"]["params"] * 4 < m["baseline"]["params"]
     assert m["result"]["accuracy"] > 0.9
     comparison = m["method"]["comparison"]
-    assert {"kd", "labels_only", "delta"} <= set(comparison)
+    assert {"kd", "labels_only", "delta", "split", "kept", "kept_reason", "chosen_on"} <= set(comparison)
+    assert comparison["split"] == "test" and comparison["chosen_on"] == "validation"
+    assert comparison["kept"] in ("kd", "labels_only") and "validation rows" in comparison["kept_reason"]
+    # the artifact is the student that was kept: its measured test accuracy is that student's
+    assert m["result"]["accuracy"] == pytest.approx(comparison[comparison["kept"]], abs=1e-6)
+    # 20 epochs of 1,293 rows at batch 128 are 220 steps: the default min_steps trains on to 1,001
+    assert m["method"]["min_steps"] == 1000 and m["method"]["steps"] >= 1000
     assert job["dataset_id"] == "builtin:digits"
 
 

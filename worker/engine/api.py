@@ -40,6 +40,7 @@ from .torch_io import (
     output_specs,
     torchscript_input_names,
 )
+from .versions import engine_versions
 
 #: Rows of seeded random input used to measure a model when the job has no dataset.
 SYNTHETIC_ROWS = 64
@@ -266,11 +267,6 @@ def _finish_metrics(
     baseline: Runner,
     device: str,
 ) -> dict[str, Any]:
-    import onnx
-    import onnxruntime
-    import torch
-    import torch_pruning
-
     facts = {key: value for key, value in artifact.facts.items() if key != "notes"}
     notes = measured.pop("notes") + list(artifact.facts.get("notes", []))
     if device == "cuda" and "cuda" not in baseline.provider.lower():
@@ -287,13 +283,7 @@ def _finish_metrics(
         "inputs": [s.describe() for s in model.inputs],
         "outputs": [s.describe() for s in model.outputs],
         "config": {"method": method.name, **config.to_dict()},
-        "versions": {
-            "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "numpy": np.__version__,
-            "torch": torch.__version__,
-            "torch_pruning": torch_pruning.__version__,
-        },
+        "versions": engine_versions(),
         "notes": notes,
     }
     metrics = json_safe(metrics)

@@ -68,22 +68,32 @@ def checkpoint(ctx: RunContext, p: float, stage: str) -> None:
     ctx.progress(p, stage)
 
 
+#: Progress is reported rounded to this many decimals (0.18, not 0.18000000000000002).
+PROGRESS_DECIMALS = 3
+
+
+def round_progress(p: float) -> float:
+    """Progress clamped to 0..1 and rounded to PROGRESS_DECIMALS decimals."""
+    return round(min(max(float(p), 0.0), 1.0), PROGRESS_DECIMALS)
+
+
 def scoped_context(ctx: RunContext, start: float, end: float) -> RunContext:
     """A context whose progress 0..1 maps onto start..end of the parent's, for a step that reports its own."""
     span = end - start
 
     def progress(p: float, stage: str) -> None:
-        ctx.progress(start + span * min(max(p, 0.0), 1.0), stage)
+        ctx.progress(round_progress(start + span * min(max(p, 0.0), 1.0)), stage)
 
     return replace(ctx, progress=progress)
 
 
 def monotonic_context(ctx: RunContext) -> RunContext:
-    """A context whose progress never goes backwards and stays in 0..1, whatever the steps report."""
+    """A context whose progress never goes backwards, stays in 0..1 and is rounded to PROGRESS_DECIMALS decimals,
+    whatever the steps report (run_job reports through one, so every figure the engine gives out is rounded)."""
     last = [0.0]
 
     def progress(p: float, stage: str) -> None:
-        last[0] = max(last[0], min(max(float(p), 0.0), 1.0))
+        last[0] = max(last[0], round_progress(p))
         ctx.progress(last[0], stage)
 
     return replace(ctx, progress=progress)

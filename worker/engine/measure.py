@@ -48,7 +48,10 @@ class Runner(Protocol):
     def size_bytes(self) -> int: ...
 
     @property
-    def params(self) -> int: ...
+    def params(self) -> int: ...  # weight and bias elements (quantization scales and zero points not counted)
+
+    @property
+    def quant_params(self) -> int: ...  # scales and zero points a quantized model adds (0 for a float model)
 
     def run(self, feeds: Feeds) -> list[np.ndarray]: ...
 
@@ -201,7 +204,12 @@ def compare_models(
     if same_runtime is not None:
         sides["baseline_same_runtime"] = same_runtime
     measured: dict[str, dict[str, Any]] = {
-        name: {"size_bytes": int(runner.size_bytes), "params": int(runner.params)} for name, runner in sides.items()
+        name: {
+            "size_bytes": int(runner.size_bytes),
+            "params": int(runner.params),
+            "quant_params": int(getattr(runner, "quant_params", 0)),
+        }
+        for name, runner in sides.items()
     }
     base, res = measured["baseline"], measured["result"]
     if same_runtime is not None:

@@ -41,6 +41,10 @@ class OnnxModel:
         return count_params(self.proto)
 
     @property
+    def quant_params(self) -> int:
+        return count_quant_params(self.proto)
+
+    @property
     def opset(self) -> int | None:
         return next((o.version for o in self.proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
@@ -78,10 +82,60 @@ def load_onnx_model(path: Path, error_code: str = "invalid_model") -> OnnxModel:
 
 
 def count_params(proto: onnx.ModelProto) -> int:
-    """Elements in the main graph's initializers (dense and sparse)."""
-    dense = sum(_numel(t.dims) for t in proto.graph.initializer)
-    sparse = sum(_numel(t.values.dims) for t in proto.graph.sparse_initializer)
-    return int(dense + sparse)
+    """Weight and bias elements: the main graph's initializers (dense and sparse), less the scales and zero points
+    of quantization (`count_quant_params`) and int64 initializers (shapes, axes and indices, never weights). A
+    quantized model thus counts the tensors of the model it was made from: its int8 weights and int32 biases."""
+    return param_counts(proto)[0]
+
+
+def count_quant_params(proto: onnx.ModelProto) -> int:
+    """Elements of the initializers a quantized model adds: the scales and zero points of its weights, biases and
+    activations (0 for a float model)."""
+    return param_counts(proto)[1]
+
+
+#: Input positions that hold a scale or a zero point, by op type (ONNX and com.microsoft quantized ops).
+_QUANT_PARAM_INPUTS: dict[str, tuple[int, ...]] = {
+    "QuantizeLinear": (1, 2),
+    "DequantizeLinear": (1, 2),
+    "DynamicQuantizeLinear": (),
+    "ConvInteger": (2, 3),
+    "MatMulInteger": (2, 3),
+    "QLinearConv": (1, 2, 4, 5, 6, 7),
+    "QLinearMatMul": (1, 2, 4, 5, 6, 7),
+    "QLinearAdd": (1, 2, 4, 5, 6, 7),
+    "QLinearMul": (1, 2, 4, 5, 6, 7),
+    "QGemm": (1, 2, 4, 5, 7, 8),
+    "DynamicQuantizeMatMul": (2, 3),
+    "MatMulIntegerToFloat": (2, 3, 4, 5),
+}
+
+
+def param_counts(proto: onnx.ModelProto) -> tuple[int, int]:
+    """(weight and bias elements, quantization scale and zero-point elements) of the main graph's initializers.
+
+    An initializer is a scale or zero point when a node reads it at such an input (QuantizeLinear and
+    DequantizeLinear inputs 1 and 2, ConvInteger/MatMulInteger zero points, QLinear* scales and zero points), or when
+    it is multiplied with the activation scale that a DynamicQuantizeLinear computes (onnxruntime's dynamic int8
+    rescales ConvInteger/MatMulInteger outputs by that product with the weight's scale)."""
+    graph = proto.graph
+    dynamic_scales = {node.output[1] for node in graph.node if node.op_type == "DynamicQuantizeLinear"
+                      and len(node.output) > 1}
+    quant_names: set[str] = set()
+    for node in graph.node:
+        positions = _QUANT_PARAM_INPUTS.get(node.op_type, ())
+        quant_names.update(node.input[i] for i in positions if i < len(node.input) and node.input[i])
+        if node.op_type == "Mul" and any(name in dynamic_scales for name in node.input):
+            quant_names.update(name for name in node.input if name not in dynamic_scales)
+    params = quant = 0
+    for tensor in graph.initializer:
+        n = _numel(tensor.dims)
+        if tensor.name in quant_names:
+            quant += n
+        elif tensor.data_type != onnx.TensorProto.INT64:
+            params += n
+    params += sum(_numel(t.values.dims) for t in graph.sparse_initializer)
+    return int(params), int(quant)
 
 
 def _numel(dims) -> int:
@@ -199,6 +253,10 @@ class OnnxRunner:
     @property
     def params(self) -> int:
         return self.model.params
+
+    @property
+    def quant_params(self) -> int:
+        return self.model.quant_params
 
     def run(self, feeds: Feeds) -> list[np.ndarray]:
         return [np.asarray(out) for out in self.session.run(None, feeds)]

@@ -68,6 +68,10 @@ class TorchScriptModel:
     def params(self) -> int:
         return count_params(self.module)
 
+    @property
+    def quant_params(self) -> int:
+        return count_quant_params(self.module)
+
 
 def load_torchscript(path: Path, error_code: str = "invalid_model") -> torch.jit.ScriptModule:
     """Load a TorchScript archive on the CPU in eval mode. Anything else (a plain pickle, a torch.export archive, a
@@ -334,16 +338,37 @@ def count_params(module: nn.Module) -> int:
     """Elements in the module's parameters and buffers, counting the int8 weights that torch's dynamic quantization
     packs into script objects (Linear, Embedding), which state_dict leaves out."""
     total = sum(v.numel() for v in module.state_dict().values() if isinstance(v, torch.Tensor))
+    return int(total + sum(t.numel() for t in _packed_tensors(module)))
+
+
+def count_quant_params(module: nn.Module) -> int:
+    """Scales and zero points of the quantized weights packed in the module (one pair per tensor, or one per
+    channel); 0 for a float module."""
+    total = 0
+    for t in _packed_tensors(module):
+        if not t.is_quantized:
+            continue
+        if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric,
+                           torch.per_channel_affine_float_qparams):
+            total += t.q_per_channel_scales().numel() + t.q_per_channel_zero_points().numel()
+        else:
+            total += 2
+    return int(total)
+
+
+def _packed_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The weights (and biases) that torch's quantized Linear / Embedding modules keep in packed script objects."""
+    out: list[torch.Tensor] = []
     for sub in module.modules():
         packed = getattr(sub, "_packed_params", None)
         if isinstance(packed, nn.Module):  # a quantized Linear's / Embedding's LinearPackedParams module
             linear = getattr(packed, "_packed_params", None)
             embedding = getattr(packed, "_packed_weight", None)
             if isinstance(linear, torch.ScriptObject):
-                total += sum(t.numel() for t in torch.ops.quantized.linear_unpack(linear) if t is not None)
+                out += [t for t in torch.ops.quantized.linear_unpack(linear) if t is not None]
             elif isinstance(embedding, torch.ScriptObject):
-                total += torch.ops.quantized.embedding_bag_unpack(embedding).numel()
-    return int(total)
+                out.append(torch.ops.quantized.embedding_bag_unpack(embedding))
+    return out
 
 
 # --- running ---------------------------------------------------------------------------------------------------
@@ -376,6 +401,10 @@ class TorchRunner:
     @property
     def params(self) -> int:
         return self.model.params
+
+    @property
+    def quant_params(self) -> int:
+        return self.model.quant_params
 
     def run(self, feeds: Feeds) -> list[np.ndarray]:
         with torch.inference_mode():

@@ -29,8 +29,8 @@ from worker.engine.distill import (
 from .conftest import FAST_BENCHMARK
 
 CPU = ["CPUExecutionProvider"]
-#: Settings under which a 2,410-parameter MLP learns digits in a few epochs.
-QUICK = {"epochs": 5, "lr": 0.01, "batch_size": 32, "benchmark": FAST_BENCHMARK}
+#: Settings under which a 2,410-parameter MLP learns digits in a few epochs (min_steps 0: exactly `epochs`).
+QUICK = {"epochs": 5, "lr": 0.01, "batch_size": 32, "min_steps": 0, "benchmark": FAST_BENCHMARK}
 SMALL_MLP = {"arch": "mlp", "hidden": [32]}
 
 
@@ -131,11 +131,122 @@ def test_an_unlabelled_transfer_set_uses_soft_targets_only(jobs, teacher):
 
 def test_compare_baseline_reports_both_students(jobs, teacher):
     m = jobs(teacher["onnx"], {"student": SMALL_MLP, **QUICK, "compare_baseline": True}, teacher["npz"]).metrics
-    comparison = m["method"]["comparison"]
-    assert comparison["kd"] == pytest.approx(m["result"]["accuracy"], abs=1e-6)
-    assert 0.8 <= comparison["labels_only"] <= 1.0
+    method = m["method"]
+    comparison = method["comparison"]
+    assert 0.8 <= comparison["kd"] <= 1.0 and 0.8 <= comparison["labels_only"] <= 1.0
     assert comparison["delta"] == pytest.approx(comparison["kd"] - comparison["labels_only"], abs=1e-6)
     assert comparison["labels_only_epochs_run"] == 5 and len(comparison["labels_only_curve"]) == 5
+    assert comparison["split"] == "test" and comparison["chosen_on"] == "validation"
+    # both students trained on the same 90%; the held-out 10% chose the artifact
+    assert method["validation_rows"] == comparison["validation"]["rows"] == 144 and method["train_rows"] == 1293
+    validation = comparison["validation"]
+    expected = "labels_only" if validation["labels_only"] > validation["kd"] else "kd"
+    assert comparison["kept"] == method["kept_student"] == expected
+    assert "validation rows" in comparison["kept_reason"]
+    # the artifact is the kept student: the report's own measurement of it gives that student's test accuracy
+    assert m["result"]["accuracy"] == pytest.approx(comparison[comparison["kept"]], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def random_teacher(digits, tmp_path_factory) -> Path:
+    """A confident teacher that knows nothing: the teacher MLP's shape with random weights, logits scaled up."""
+    import torch
+
+    from worker.examples import export_onnx
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    with torch.no_grad():
+        model[2].weight.mul_(20.0)
+    out = tmp_path_factory.mktemp("random_teacher")
+    return export_onnx(model.eval(), out / "random.onnx", digits.x_test.reshape(-1, 64)[:2])
+
+
+def test_compare_baseline_keeps_the_labels_only_student_when_the_teacher_is_useless(jobs, teacher, random_teacher):
+    config = {"student": SMALL_MLP, **QUICK, "alpha": 0.9, "compare_baseline": True}
+    result = jobs(random_teacher, config, teacher["npz"])
+    m = result.metrics
+    comparison = m["method"]["comparison"]
+    assert m["baseline"]["accuracy"] < 0.3  # the teacher is no better than a guess
+    assert comparison["validation"]["labels_only"] > comparison["validation"]["kd"]
+    assert comparison["kept"] == "labels_only" and m["method"]["kept_student"] == "labels_only"
+    assert comparison["kept_reason"].startswith("the labels-only student was right on more validation rows")
+    assert comparison["labels_only"] > comparison["kd"] and comparison["delta"] < 0
+    assert m["result"]["accuracy"] == pytest.approx(comparison["labels_only"], abs=1e-6)
+    assert m["result"]["accuracy"] > 0.85
+    assert any("trained on labels alone" in note for note in m["notes"])
+    session = ort.InferenceSession(str(result.artifact_path), providers=CPU)
+    assert session.run(None, {session.get_inputs()[0].name: teacher["x_test"][:3]})[0].shape == (3, 10)
+
+
+def test_choose_student_prefers_validation_accuracy_and_the_distilled_student_on_a_tie():
+    from worker.engine.distill import choose_student
+
+    assert choose_student(0.9, 0.95, 100) == (
+        "labels_only", "the labels-only student was right on more validation rows than the distilled one: "
+                       "95/100 (95.0%) vs 90/100 (90.0%)")
+    kept, reason = choose_student(0.97, 0.96, 100)
+    assert kept == "kd" and "97/100 (97.0%) vs 96/100 (96.0%)" in reason
+    kept, reason = choose_student(0.5, 0.5, 10)
+    assert kept == "kd" and reason == ("both students were right on 5/10 (50.0%) validation rows; on a tie the "
+                                       "distilled student is kept")
+
+
+def test_min_steps_adds_epochs_to_a_short_run(digits):
+    import torch
+
+    x = digits.x_train.reshape(-1, 64)[:100]
+    train = TrainData([x], digits.y_train[:100])
+    torch.manual_seed(0)
+    # 100 rows at batch 32: 4 steps an epoch (the last of 4 rows); 2 epochs are 8 steps, min_steps 22 needs 6 epochs
+    settings = TrainSettings(epochs=2, batch_size=32, min_steps=22)
+    report = train_student(build_mlp(64, (8,), 10), train, settings, RunContext("cpu", Path(".")))
+    assert (report.steps_per_epoch, report.epochs_planned, report.epochs_run, report.steps) == (4, 6, 6, 24)
+    assert [p["epoch"] for p in report.curve] == list(range(1, 7))
+    # enough epochs already: min_steps changes nothing; 0 turns it off
+    for min_steps in (8, 0, 1):
+        torch.manual_seed(0)
+        settings = TrainSettings(epochs=2, batch_size=32, min_steps=min_steps)
+        report = train_student(build_mlp(64, (8,), 10), train, settings, RunContext("cpu", Path(".")))
+        assert (report.epochs_planned, report.steps) == (2, 8)
+
+
+def test_a_long_run_over_a_tiny_set_keeps_a_short_curve(digits):
+    import torch
+
+    from worker.engine.distill import MAX_CURVE_POINTS
+
+    x = digits.x_train.reshape(-1, 64)[:20]
+    train = TrainData([x], digits.y_train[:20])
+    torch.manual_seed(0)
+    # 20 rows at batch 32: one step an epoch, so min_steps 450 means 450 epochs; the curve keeps every 3rd
+    report = train_student(build_mlp(64, (4,), 10), train, TrainSettings(epochs=1, batch_size=32, min_steps=450),
+                           RunContext("cpu", Path(".")))
+    assert report.epochs_run == report.best_epoch == report.steps == 450
+    epochs = [p["epoch"] for p in report.curve]
+    assert len(epochs) <= MAX_CURVE_POINTS and epochs[:2] == [3, 6] and epochs[-1] == 450
+
+
+def test_min_steps_in_a_job_is_reported(jobs, teacher):
+    config = {"student": SMALL_MLP, **QUICK, "epochs": 1, "batch_size": 64, "train_samples": 200, "min_steps": 10}
+    m = jobs(teacher["onnx"], config, teacher["npz"]).metrics
+    method = m["method"]
+    # 200 rows at batch 64: 4 steps an epoch (the last of 8 rows), so 3 epochs reach 10 steps
+    assert method["epochs"] == 1 and method["min_steps"] == 10 and method["steps_per_epoch"] == 4
+    assert method["epochs_planned"] == method["epochs_run"] == 3 and method["steps"] == 12
+    assert any("fewer than min_steps 10" in note for note in m["notes"])
+    assert "distilling: epoch 3/3" in {stage for _, stage in jobs.progress}
+    assert all(p == round(p, 3) for p, _ in jobs.progress)
+
+
+def test_default_min_steps_trains_the_guide_example_long_enough():
+    config = DistillConfig.from_dict({"student": {"arch": "cnn", "channels": [8, 16]}})
+    assert config.min_steps == 1000 and config.epochs == 10
+    # 10 epochs of the 1,437-row example at batch 128 are 120 steps: the default raises that to 1,008
+    from worker.engine.distill import _steps_per_epoch, planned_epochs
+
+    steps = _steps_per_epoch(1437, config.batch_size)
+    assert steps == 12 and planned_epochs(config.epochs, steps, config.min_steps) * steps == 1008
 
 
 def test_compare_baseline_needs_labels(jobs, teacher):
@@ -233,6 +344,8 @@ def test_cancellation_stops_training(jobs, teacher):
         {"student": SMALL_MLP, "alpha": 2},
         {"student": SMALL_MLP, "optimizer": "lbfgs"},
         {"student": SMALL_MLP, "early_stopping": {"patience": 0}},
+        {"student": SMALL_MLP, "min_steps": -1},
+        {"student": SMALL_MLP, "min_steps": 10**7},
     ],
 )
 def test_bad_configs_are_unsupported(config):
@@ -248,8 +361,9 @@ def test_config_defaults_and_nullable_sections():
     assert d["student"] == {"arch": "cnn", "channels": [16, 32], "hidden": [64]}
     assert {k: d[k] for k in ("temperature", "alpha", "epochs", "batch_size", "lr", "optimizer", "lr_schedule",
                               "seed", "early_stopping", "compare_baseline", "feature_loss")} == {
-        "temperature": 4.0, "alpha": 0.7, "epochs": 10, "batch_size": 128, "lr": 0.001, "optimizer": "adam",
+        "temperature": 4.0, "alpha": 0.7, "epochs": 10, "batch_size": 128, "lr": 0.003, "optimizer": "adam",
         "lr_schedule": "cosine", "seed": 0, "early_stopping": None, "compare_baseline": False, "feature_loss": None}
+    assert d["min_steps"] == 1000 and d["train_samples"] == 0
     assert DistillConfig.from_dict({"student": {"arch": "mlp"}}).student.hidden == (256, 128)
     full = DistillConfig.from_dict({"student": {"shrink": 0.5}, "early_stopping": {},
                                     "feature_loss": {"teacher_layer": None}})
