@@ -13,14 +13,29 @@ from psycopg_pool import PoolTimeout
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.core.config import Settings, get_settings
-from app.core.deps import Services
-from app.core.errors import DistilleryError, database_unavailable_response, error_body, error_response
-from app.core.openapi import install_docs, install_openapi
+from app.artifacts.endpoints import router as artifacts_router
+from app.auth.deps import RateLimiter
+from app.auth.keys import KeyVerifier
 from app.core.bodylimit import JSON_BODY_LIMIT, BodyLimitMiddleware, BodyTooLarge
+from app.core.broker import make_celery
+from app.core.config import Settings, get_settings
+from app.core.db import Database
+from app.core.errors import DistilleryError, database_unavailable_response, error_body, error_response
 from app.core.logs import RequestIdMiddleware
-from app.jobs.fastpath import JobPollFastPath
+from app.core.openapi import install_docs, install_openapi
+from app.core.services import Services
+from app.core.storage import make_storage
 from app.core.uploads import sweep_temp_files
+from app.dashboard.endpoints import router as dashboard_router
+from app.datasets.endpoints import router as datasets_router
+from app.jobs.endpoints import router as jobs_router
+from app.jobs.fastpath import JobPollFastPath
+from app.jobs.fastread import JobReader
+from app.jobs.schemas import UNION_TAGS
+from app.lineage.endpoints import router as lineage_router
+from app.models.endpoints import router as models_router
+from app.system.endpoints import router as system_router
+from app.workers.endpoints import router as workers_router
 
 log = logging.getLogger("distillery.api")
 
@@ -30,8 +45,6 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 
 
 def _validation_detail(exc: RequestValidationError) -> list[dict]:
-    from app.jobs.schemas import UNION_TAGS
-
     out = []
     for err in exc.errors():
         raw = [str(p) for p in err.get("loc", ())]
@@ -119,12 +132,19 @@ def _freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def build_services(settings: Settings) -> Services:
+    """This process's services; the poll reader only on PostgreSQL (SQLite reads jobs through the route)."""
+    reader = JobReader(settings.database_url) if settings.database_url.startswith("postgresql") else None
+    return Services(settings, Database(settings), make_storage(settings), make_celery(settings),
+                    KeyVerifier(settings.auth_cache_s), RateLimiter(settings.rate_limit_per_minute), reader)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        services = Services.build(settings)
+        services = build_services(settings)
         sweep_temp_files(services.storage)  # temp files of API processes killed mid-upload, at once
         services.storage.clean_temp(older_than_s=3600)
         await services.open()
@@ -136,14 +156,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await services.close()
             gc.unfreeze()
 
-    from app.artifacts.endpoints import router as artifacts_router
-    from app.dashboard.endpoints import router as dashboard_router
-    from app.datasets.endpoints import router as datasets_router
-    from app.jobs.endpoints import router as jobs_router
-    from app.models.endpoints import router as models_router
-    from app.system.endpoints import router as system_router
-    from app.workers.endpoints import router as workers_router
-
     app = FastAPI(title="Distillery", version="1.0.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Model compression as a service: upload a model, run a quantize/prune/distill job "
                               "on a worker, download the measured, compressed artifact.")
@@ -153,13 +165,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(JobPollFastPath)  # GET /v1/jobs/{id} on PostgreSQL, below the router (app/jobs/fastpath.py)
     app.add_middleware(BodyLimitMiddleware)  # JSON bodies (not uploads) are at most JSON_BODY_LIMIT bytes
     app.add_middleware(RequestIdMiddleware)  # X-Request-ID, and request_id on the request's log lines
-    for router in (models_router, datasets_router, jobs_router, artifacts_router, workers_router):
+    # each domain's routes live in its endpoints module (a model's label patch and its jobs with the models, a job's
+    # label patch with the jobs), tagged in the spec as they always were
+    for router in (models_router, datasets_router, jobs_router, artifacts_router, workers_router, lineage_router):
         app.include_router(router, prefix="/v1")
-    from app.labels.endpoints import router as labels_router
-    from app.lineage.endpoints import router as lineage_router
-
-    app.include_router(labels_router, prefix="/v1")  # PATCH labels of models and jobs
-    app.include_router(lineage_router, prefix="/v1")  # artifacts as models, a model's jobs, an artifact's lineage
     app.include_router(system_router)
     app.include_router(dashboard_router)  # `/`: a static page, left out of the OpenAPI spec
     return app

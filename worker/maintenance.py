@@ -18,9 +18,10 @@ import psutil
 from sqlalchemy.exc import DBAPIError
 
 from app.core.broker import queue_depth
-from app.core.db import utcnow
+from app.core.db import cutoff, utcnow
 from app.core.tables import JobRow, WorkerRow
 from app.jobs import lifecycle, repository as repo
+from app.jobs.service import job_json
 from app.jobs.states import ErrorCode
 from app.webhooks.delivery import WebhookDeliverer
 from worker import childpool
@@ -138,14 +139,15 @@ def reap_own(rt: Runtime, worker_name: str, before=None) -> None:
 def reap_once(rt: Runtime, reap_stale: bool = True) -> None:
     """One round. `reap_stale=False` leaves running jobs alone (just after a database outage: see _loop)."""
     s = rt.settings
-    cutoff = repo.cutoff(s.worker_lost_after_s)
+    lost_before = cutoff(s.worker_lost_after_s)
     with rt.db.session() as session:
-        stale = repo.stale_running(session, cutoff) if reap_stale else []
-        undispatched = repo.undispatched(session, repo.cutoff(s.redispatch_after_s))
+        stale = repo.stale_running(session, lost_before) if reap_stale else []
+        undispatched = repo.undispatched(session, cutoff(s.redispatch_after_s))
         exhausted = repo.exhausted_queued(session)
         undispatched = _maybe_lost(rt, session, undispatched)
     for job in stale:
-        _requeue_or_fail(rt, job, "the worker running this job stopped responding", [JobRow.heartbeat_at < cutoff])
+        _requeue_or_fail(rt, job, "the worker running this job stopped responding",
+                         [JobRow.heartbeat_at < lost_before])
     for job in exhausted:
         _in_tx(rt, lambda session, j=job: lifecycle.fail_exhausted(session, j))
     for job in undispatched:
@@ -216,7 +218,7 @@ def start_maintenance(worker_name: str) -> None:
     _thread = threading.Thread(target=_loop, args=(worker_name,), name="distillery-maintenance", daemon=True)
     _thread.start()
     rt = get_runtime()  # the webhook outbox is delivered on a thread of its own (a slow receiver never delays reaping)
-    _webhooks = WebhookDeliverer(rt.db, rt.settings, rt.settings.reaper_interval_s)
+    _webhooks = WebhookDeliverer(rt.db, rt.settings, rt.settings.reaper_interval_s, job_json)
     _webhooks.start()
 
 

@@ -1,14 +1,14 @@
+"""Artifacts: reads (owner-scoped), the content check before a download, and byte ranges."""
 from __future__ import annotations
 
 import re
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.artifacts import repository as repo
+from app.artifacts.schemas import ArtifactOut
 from app.core.errors import DistilleryError, NotFound
 from app.core.tables import ArtifactRow
-from app.models.repository import owned
-from app.artifacts.schemas import ArtifactOut
 
 RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -19,8 +19,7 @@ class RangeNotSatisfiable(DistilleryError):
 
 
 def get(session: Session, owner: str | None, artifact_id: str) -> ArtifactRow:
-    row = session.scalars(owned(select(ArtifactRow).where(ArtifactRow.id == artifact_id), ArtifactRow.owner,
-                                owner)).one_or_none()
+    row = repo.get(session, owner, artifact_id)
     if row is None:
         raise NotFound(f"artifact {artifact_id} not found", code="artifact_not_found")
     return row

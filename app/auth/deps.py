@@ -12,6 +12,8 @@ from app.auth.keys import KEY_RE, Principal
 from app.auth.throttle import client_address, guards
 from app.core.deps import ServicesDep
 from app.core.errors import DistilleryError, TooManyRequests
+from app.core.openapi import answers
+from app.core.services import Services
 
 
 class Unauthorized(DistilleryError):
@@ -48,7 +50,7 @@ def _bearer_token(header: str) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def known_principal(services, header: str | None) -> Principal | None:
+def known_principal(services: Services, header: str | None) -> Principal | None:
     """The caller when it is known without a database query: open mode without a header, or a well-formed Bearer key
     verified (and valid) within `auth_cache_s`. None otherwise; `current_principal` then decides and explains. The
     poll fast path (app/jobs/fastpath.py) answers only whom this knows and leaves everyone else to the route, so a
@@ -59,6 +61,7 @@ def known_principal(services, header: str | None) -> Principal | None:
     return None if token is None else services.keys.cached(token)
 
 
+@answers(401, 429)  # no key or a bad one; over the owner's request rate or the address's failed-key budget
 async def current_principal(request: Request, services: ServicesDep) -> Principal:
     settings = services.settings
     header = request.headers.get("authorization")
@@ -73,7 +76,7 @@ async def current_principal(request: Request, services: ServicesDep) -> Principa
     return principal
 
 
-async def _verified_or_refused(services, header: str | None, address: str) -> Principal:
+async def _verified_or_refused(services: Services, header: str | None, address: str) -> Principal:
     """The caller of a request whose key is not in the cache (one query, off the event loop), or a 401 saying why.
     A well-formed key is a query, so it first takes a token of its address's failed-attempt budget (429 when there is
     none); the token comes back unless the key fails."""

@@ -1,4 +1,8 @@
-"""API keys: `dk_<id>.<secret>`; the database keeps the id, the owner and sha256(secret), never the secret."""
+"""API keys: `dk_<id>.<secret>`; the database keeps the id, the owner and sha256(secret), never the secret.
+
+The auth domain's service: `create_key` and `revoke_key` (the CLI's `distillery keys`) commit their own work; the
+queries are app/auth/repository.py's.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -10,9 +14,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.auth import repository as repo
 from app.core.db import utcnow
 from app.core.tables import ApiKeyRow
 
@@ -41,14 +45,14 @@ def create_key(session: Session, owner: str, *, admin: bool = False, label: str 
         raise ValueError("owner: 1-64 characters of letters, digits, '_', '.', '-'")
     key_id = secrets.token_hex(8)
     secret = secrets.token_urlsafe(32)
-    row = ApiKeyRow(id=key_id, owner=owner, label=label[:255], secret_sha256=_digest(secret), admin=admin)
-    session.add(row)
+    row = repo.add(session, ApiKeyRow(id=key_id, owner=owner, label=label[:255], secret_sha256=_digest(secret),
+                                      admin=admin))
     session.commit()
     return row, f"dk_{key_id}.{secret}"
 
 
 def revoke_key(session: Session, key_id: str) -> bool:
-    row = session.get(ApiKeyRow, key_id)
+    row = repo.get(session, key_id)
     if row is None or row.revoked_at is not None:
         return False
     row.revoked_at = utcnow()
@@ -57,7 +61,7 @@ def revoke_key(session: Session, key_id: str) -> bool:
 
 
 def list_keys(session: Session) -> list[ApiKeyRow]:
-    return list(session.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at)))
+    return repo.list_all(session)
 
 
 class KeyVerifier:
@@ -98,7 +102,7 @@ class KeyVerifier:
         key_id, secret = m.groups()
         now = time.monotonic()
         with session_factory() as session:
-            row = session.get(ApiKeyRow, key_id)
+            row = repo.get(session, key_id)
         ok = row is not None and row.revoked_at is None and hmac.compare_digest(row.secret_sha256, _digest(secret))
         if not ok:
             return None

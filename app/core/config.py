@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.core.storage import parse_s3_url
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DISTILLERY_", extra="ignore")
@@ -118,8 +120,6 @@ class Settings(BaseSettings):
             self.storage_dir = self.data_dir / "storage"
         self.storage_dir = self.storage_dir.expanduser().resolve()
         if self.storage_url:
-            from app.core.storage import parse_s3_url
-
             parse_s3_url(self.storage_url)  # refuse a malformed URL at start-up, not at the first upload
         return self
 

@@ -1,11 +1,12 @@
-"""Engine and session factory, built lazily from Settings (never at import time)."""
+"""Engine and session factory, built lazily from Settings (never at import time), and the helpers every repository
+shares (owner scoping, time cut-offs, the per-owner limit lock)."""
 from __future__ import annotations
 
 import hashlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, text
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -45,6 +46,16 @@ class UTCDateTime(TypeDecorator):
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def cutoff(seconds: float) -> datetime:
+    """The moment `seconds` ago (e.g. "seen after this" is live)."""
+    return utcnow() - timedelta(seconds=seconds)
+
+
+def owned(stmt, column, owner: str | None):
+    """Restrict a query to one owner's rows; an admin (owner None) sees every owner's."""
+    return stmt if owner is None else stmt.where(column == owner)
 
 
 _sqlite_owner_locks: dict[str, threading.Lock] = {}

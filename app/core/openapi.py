@@ -8,6 +8,8 @@ wired is added here, from its dependencies, to every operation in the spec (rout
   - the caller's principal (`PrincipalDep`): 401 (no key, a bad or revoked key) and 429 (the per-owner rate limit),
     and the Bearer security scheme;
   - the shared services (database, broker, storage): 503 (the database is unavailable or refused the request).
+Each dependency declares its own with `answers(...)` where it is defined (app/auth/deps.py, app/core/deps.py), so
+this module imports no domain.
 
 It also serves the interactive docs, `/docs` (Swagger UI), from this process alone: `install_docs`.
 """
@@ -24,6 +26,7 @@ from fastapi import FastAPI, Path, Request, Response, routing
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.routing import APIRoute
 
+from app.core.errors import NotFound
 from app.core.schemas import ErrorResponse
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
@@ -58,20 +61,29 @@ def _api_routes(app: FastAPI) -> Iterator[Any]:
             yield ctx
 
 
+#: The status codes a route dependency can answer, by dependency (declared where each is defined, with `answers`)
+_DEPENDENCY_ERRORS: dict[Callable, tuple[int, ...]] = {}
+
+
+def answers(*codes: int) -> Callable[[Callable], Callable]:
+    """Declare the errors a route dependency can answer (the caller's principal: 401 and 429; the shared services:
+    503); every route that depends on it, directly or through another dependency, declares them in the spec."""
+    unknown = set(codes) - set(_COMMON)
+    if unknown:
+        raise ValueError(f"no common error is described for {sorted(unknown)}")
+
+    def declare(dependency: Callable) -> Callable:
+        _DEPENDENCY_ERRORS[dependency] = codes
+        return dependency
+
+    return declare
+
+
 def common_errors(route: APIRoute) -> list[int]:
     """The status codes this route can answer because of how it is wired (not what its service raises)."""
-    from app.auth.deps import current_principal
-    from app.core.deps import get_services
-
-    calls = set(_calls(route.dependant))
-    codes = []
-    if route.body_field is not None:
-        codes += [400, 413]
-    if current_principal in calls:
-        codes += [401, 429]
-    if get_services in calls:
-        codes.append(503)
-    return codes
+    codes = [400, 413] if route.body_field is not None else []
+    wired = {code for call in _calls(route.dependant) for code in _DEPENDENCY_ERRORS.get(call, ())}
+    return codes + [code for code in _COMMON if code in wired]
 
 
 def _error_response(code: int) -> dict[str, Any]:
@@ -158,8 +170,6 @@ def install_docs(app: FastAPI) -> None:
     and icon served by this app under /docs/assets/, so that nothing is fetched from another origin (a machine
     offline, or one whose browser reaches only this server, gets working docs). ReDoc is not offered (its page loads
     its script and web fonts from CDNs too). All of it is left out of the spec."""
-    from app.core.errors import NotFound
-
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui(request: Request) -> Response:
         root = request.scope.get("root_path", "").rstrip("/")

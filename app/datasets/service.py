@@ -1,16 +1,20 @@
+"""Datasets: uploads (validated without unpickling, stored by content, one row per owner and content, as models:
+the upload steps are app/models/service.py's) and reads."""
 from __future__ import annotations
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.core.deps import Services
 from app.core.errors import NotFound, Unprocessable
+from app.core.services import Services
 from app.core.tables import DatasetRow
 from app.core.uploads import ReceivedUpload
+from app.datasets import repository as repo
 from app.datasets.schemas import DatasetOut
 from app.datasets.validate import DatasetRejected, validate_npz
-from app.models.repository import owned
 from app.models.service import clean_name, insert_uploaded, store_received, upload_quota  # noqa: F401 (the route's)
+
+#: A built-in dataset is named by this prefix and its name (`builtin:mnist`) where an uploaded one has its id.
+BUILTIN_PREFIX = "builtin:"
 
 
 def create_from_upload(services: Services, owner: str, received: ReceivedUpload) -> tuple[DatasetOut, bool]:
@@ -24,7 +28,7 @@ def create_from_upload(services: Services, owner: str, received: ReceivedUpload)
             raise Unprocessable(exc.message, code=exc.code, detail=exc.detail) from None
 
         def existing(session: Session) -> DatasetRow | None:
-            return with_content(session, owner, received.sha256)
+            return repo.with_content(session, owner, received.sha256)
 
         with services.db.session() as session:
             found = existing(session)
@@ -37,20 +41,13 @@ def create_from_upload(services: Services, owner: str, received: ReceivedUpload)
     return insert_uploaded(services, row, existing, to_out)
 
 
-def with_content(session: Session, owner: str, sha256: str) -> DatasetRow | None:
-    """The owner's oldest dataset of this content."""
-    stmt = select(DatasetRow).where(DatasetRow.owner == owner, DatasetRow.sha256 == sha256)
-    return session.scalars(stmt.order_by(DatasetRow.id).limit(1)).first()
-
-
 def to_out(row: DatasetRow) -> DatasetOut:
     return DatasetOut(id=row.id, name=row.name, size_bytes=row.size_bytes, sha256=row.sha256, owner=row.owner,
                       created_at=row.created_at, **row.info)
 
 
 def get(session: Session, owner: str | None, dataset_id: str) -> DatasetRow:
-    row = session.scalars(owned(select(DatasetRow).where(DatasetRow.id == dataset_id), DatasetRow.owner,
-                                owner)).one_or_none()
+    row = repo.get(session, owner, dataset_id)
     if row is None:
         raise NotFound(f"dataset {dataset_id} not found", code="dataset_not_found")
     return row
@@ -58,9 +55,9 @@ def get(session: Session, owner: str | None, dataset_id: str) -> DatasetRow:
 
 def list_page(session: Session, owner: str | None, cursor: str | None, limit: int,
               sha256: str | None = None) -> list[DatasetRow]:
-    stmt = owned(select(DatasetRow), DatasetRow.owner, owner)
-    if sha256 is not None:
-        stmt = stmt.where(DatasetRow.sha256 == sha256)
-    if cursor:
-        stmt = stmt.where(DatasetRow.id < cursor)
-    return list(session.scalars(stmt.order_by(DatasetRow.id.desc()).limit(limit)))
+    return repo.list_page(session, owner, cursor, limit, sha256=sha256)
+
+
+def dataset_id_of(row_dataset_id: str | None, builtin: str | None) -> str | None:
+    """The dataset id a job shows: `builtin:<name>` for a built-in dataset, else the uploaded dataset's id."""
+    return BUILTIN_PREFIX + builtin if builtin else row_dataset_id

@@ -33,13 +33,15 @@ from __future__ import annotations
 
 import math
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.core.db import cutoff
 from app.core.errors import Unprocessable
-from app.core.tables import DatasetRow, ModelRow, WorkerRow
-from app.jobs import repository as repo
+from app.core.tables import DatasetRow, ModelRow
+from app.datasets import repository as datasets_repo
 from app.jobs.schemas import CnnStudent, MlpStudent, ModelStudent
+from app.models import repository as models_repo
+from app.workers import repository as workers_repo
 
 FACTOR = {"quantize": 3.0, "prune": 3.0, "distill": 4.0}
 FINE_TUNE_FACTOR = 4.0
@@ -201,7 +203,7 @@ def _largest_batch(config, dataset: DatasetRow | None, builtin: str | None) -> i
 def memory_limit(session: Session, queue: str, default: int, live_within_s: float) -> tuple[int, str]:
     """The job memory limit that applies on `queue`: the largest one the live workers of that queue publish (a job
     that fits none of them can never finish), else this process's `job_memory_limit_bytes`."""
-    rows = session.scalars(select(WorkerRow).where(WorkerRow.last_seen_at > repo.cutoff(live_within_s)))
+    rows = workers_repo.seen_since(session, cutoff(live_within_s))
     published = [int(r.info["job_memory_limit_bytes"]) for r in rows
                  if queue in r.queues.split(",") and isinstance((r.info or {}).get("job_memory_limit_bytes"), int)]
     if published:
@@ -211,9 +213,9 @@ def memory_limit(session: Session, queue: str, default: int, live_within_s: floa
 
 def check_memory(session: Session, settings, *, kind: str, config, model: ModelRow, dataset_id: str | None,
                  builtin: str | None, queue: str) -> None:
-    dataset = session.get(DatasetRow, dataset_id) if dataset_id else None
+    dataset = datasets_repo.by_id(session, dataset_id) if dataset_id else None
     student = getattr(config, "student", None)
-    student_model = session.get(ModelRow, student.model_id) if isinstance(student, ModelStudent) else None
+    student_model = models_repo.by_id(session, student.model_id) if isinstance(student, ModelStudent) else None
     need = estimate(kind, config, model, dataset, builtin, student_model)
     limit, source = memory_limit(session, queue, settings.job_memory_limit_bytes, settings.worker_lost_after_s)
     if need["estimate_bytes"] > limit:
@@ -301,11 +303,11 @@ def check_input_shapes(session: Session, *, model: ModelRow, dataset_id: str | N
                        config=None) -> None:
     """422 `input_shape_mismatch` when the job's dataset cannot feed the model's (or a distill student model's)
     inputs; nothing when either side's shapes are unknown."""
-    dataset = session.get(DatasetRow, dataset_id) if dataset_id else None
+    dataset = datasets_repo.by_id(session, dataset_id) if dataset_id else None
     student = getattr(config, "student", None)
     checked = [(model, "the model")]
     if isinstance(student, ModelStudent):
-        student_model = session.get(ModelRow, student.model_id)
+        student_model = models_repo.by_id(session, student.model_id)
         if student_model is not None:
             checked.append((student_model, "the student model"))
     for row, role in checked:

@@ -1,3 +1,9 @@
+"""The routes of jobs: submit, list, read (also served below the router: app/jobs/fastpath.py), cancel, follow
+(Server-Sent Events) and label patches.
+
+Each route keeps the OpenAPI tag it has always had: the label patch is tagged `labels`, beside the other label
+operations; `router` gathers both groups.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -13,25 +19,25 @@ from app.auth.throttle import TooManyEventStreams, guards
 from app.core.deps import ServicesDep, SessionDep
 from app.core.errors import Conflict, InvalidTransition, NotFound, Unprocessable, error_responses
 from app.core.ids import ID_PATTERN
-from app.core.pagination import CursorQuery, LimitQuery, next_cursor
+from app.core.pagination import CursorQuery, LabelQuery, LimitQuery, next_cursor
 from app.core.schemas import Page
-from app.jobs import repository as repo
 from app.jobs import service
 from app.jobs.schemas import JobCreate, JobEventOut, JobOut
 from app.jobs.states import TERMINAL, JobStatus
-from app.labels.schemas import LabelQuery
+from app.labels.schemas import LabelsPatch
 from app.labels.service import parse_filters
 
-router = APIRouter(tags=["jobs"])
+jobs_routes = APIRouter(tags=["jobs"])
+labels_routes = APIRouter(tags=["labels"])
 JobId = Path(pattern=ID_PATTERN, description="A job id.")
 SSE_POLL_S = 0.25
 SSE_POLL_MAX_S = 1.0
 SSE_KEEPALIVE_S = 15.0
 
 
-@router.post("/jobs", status_code=202, response_model=JobOut,
-             responses=error_responses(NotFound, Conflict, Unprocessable),
-             summary="Submit a job (committed, then enqueued by id)")
+@jobs_routes.post("/jobs", status_code=202, response_model=JobOut,
+                  responses=error_responses(NotFound, Conflict, Unprocessable),
+                  summary="Submit a job (committed, then enqueued by id)")
 async def create_job(body: JobCreate, response: Response, services: ServicesDep, who: PrincipalDep,
                      idempotency_key: Annotated[str | None, Header(max_length=255, description=(
                          "Repeat a request safely: the same key returns the same job; a different body is a "
@@ -44,12 +50,12 @@ async def create_job(body: JobCreate, response: Response, services: ServicesDep,
     return job
 
 
-@router.get("/jobs", response_model=Page[JobOut], summary="List jobs, newest first")
+@jobs_routes.get("/jobs", response_model=Page[JobOut], summary="List jobs, newest first")
 def list_jobs(session: SessionDep, who: PrincipalDep, cursor: CursorQuery = None, limit: LimitQuery = 50,
               status: JobStatus | None = None, kind: Annotated[str | None, Query(max_length=16)] = None,
               model_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None, label: LabelQuery = None):
-    rows = repo.list_page(session, who.scope, status=status, kind=kind, model_id=model_id, cursor=cursor, limit=limit,
-                          labels=parse_filters(label))
+    rows = service.list_page(session, who.scope, status=status, kind=kind, model_id=model_id, cursor=cursor,
+                             limit=limit, label_filters=parse_filters(label))
     return Page[JobOut](items=[service.to_out(r) for r in rows], next_cursor=next_cursor(rows, limit))
 
 
@@ -63,7 +69,7 @@ def _get_job_json(services, owner: str | None, job_id: str) -> bytes:
         return service.to_out(service.get(session, owner, job_id)).model_dump_json().encode()
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut, responses=error_responses(NotFound),
+@jobs_routes.get("/jobs/{job_id}", response_model=JobOut, responses=error_responses(NotFound),
             summary="Read a job (the status-polling hot path)")
 async def get_job(services: ServicesDep, who: PrincipalDep, job_id: str = JobId):
     if services.job_reader is not None:
@@ -75,16 +81,23 @@ async def get_job(services: ServicesDep, who: PrincipalDep, job_id: str = JobId)
     return Response(body, media_type="application/json")
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=error_responses(NotFound, InvalidTransition),
-             summary="Cancel: a queued job at once, a running one within a few seconds")
+@jobs_routes.post("/jobs/{job_id}/cancel", response_model=JobOut,
+                  responses=error_responses(NotFound, InvalidTransition),
+                  summary="Cancel: a queued job at once, a running one within a few seconds")
 def cancel_job(session: SessionDep, who: PrincipalDep, job_id: str = JobId):
     return service.cancel(session, who.scope, job_id)
 
 
+@labels_routes.patch("/jobs/{job_id}", response_model=JobOut, responses=error_responses(NotFound, Unprocessable),
+                     summary="Change a job's labels (JSON merge patch: null removes a key)")
+def patch_job(body: LabelsPatch, session: SessionDep, who: PrincipalDep,
+              job_id: str = Path(pattern=ID_PATTERN)) -> JobOut:
+    return service.patch_labels(session, who.scope, job_id, body.labels)
+
+
 def _poll_events(services, owner: str | None, job_id: str, after: int):
     with services.db.session() as session:
-        job = service.get(session, owner, job_id)
-        return job.status, repo.events_after(session, job_id, after)
+        return service.events(session, owner, job_id, after)
 
 
 class _SlotStream(StreamingResponse):
@@ -106,7 +119,7 @@ class _SlotStream(StreamingResponse):
                 pass
 
 
-@router.get("/jobs/{job_id}/events", responses={**error_responses(NotFound, TooManyEventStreams), 200: {
+@jobs_routes.get("/jobs/{job_id}/events", responses={**error_responses(NotFound, TooManyEventStreams), 200: {
     "description": "Server-Sent Events: one `status` event per change (id = sequence number, data = JobEventOut "
                    "JSON), ending after a terminal state. Reconnect with Last-Event-ID to resume. An owner may hold "
                    "`max_event_streams_per_owner` streams open per API process, and a process serves "
@@ -148,3 +161,8 @@ async def job_events(request: Request, services: ServicesDep, who: PrincipalDep,
 
     return _SlotStream(stream(), slot, media_type="text/event-stream",
                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+router = APIRouter()
+router.include_router(jobs_routes)
+router.include_router(labels_routes)

@@ -14,7 +14,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.engine import make_url
 
-from app.jobs.service import BUILTIN_PREFIX
+from app.datasets.service import dataset_id_of
 from app.webhooks.schemas import webhook_out
 
 _COLUMNS = ("id, kind, status, model_id, dataset_id, builtin_dataset, config::text AS config, device_requested, "
@@ -58,9 +58,7 @@ class JobReader:
 
 def render(row: dict) -> bytes:
     """The JobOut JSON of a row whose config and metrics are JSON text."""
-    builtin = row.pop("builtin_dataset")
-    if builtin:
-        row["dataset_id"] = BUILTIN_PREFIX + builtin
+    row["dataset_id"] = dataset_id_of(row["dataset_id"], row.pop("builtin_dataset"))
     code, message = row.pop("error_code"), row.pop("error_message")
     row["error"] = {"code": code, "message": message or ""} if code else None
     row["config"] = orjson.Fragment(row["config"])

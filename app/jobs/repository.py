@@ -1,17 +1,19 @@
-"""Every query on jobs and their events. Shared by the API and the workers; callers own the transaction."""
+"""Every query on jobs and their events. Shared by the API and the workers; callers own the transaction (nothing here
+commits or rolls back)."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, case, func, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from app.core.db import utcnow
+from app.core.ids import new_id
 from app.core.tables import ArtifactRow, JobEventRow, JobLabelRow, JobRow
 from app.jobs.states import ACTIVE, TERMINAL, JobStatus, sources_of
-from app.labels.service import filter_clauses
-from app.webhooks import outbox
+from app.labels.repository import filter_clauses
+from app.webhooks import repository as outbox
 
 
 def get(session: Session, job_id: str, owner: str | None = None) -> JobRow | None:
@@ -120,14 +122,15 @@ def _finish_values(job: JobRow | None) -> dict:
 
 
 def succeed(session: Session, job_id: str, attempt: int, artifact: ArtifactRow, metrics: dict) -> JobRow | None:
-    """Artifact, metrics and `succeeded` in one transaction (the caller commits)."""
+    """Artifact, metrics and `succeeded` in one transaction (the caller commits). The artifact row is added only
+    when `attempt` still holds the job; otherwise nothing is written."""
     job = get(session, job_id)
-    session.add(artifact)
-    session.flush()
+    artifact.id = artifact.id or new_id()
     done = transition(session, job_id, to=JobStatus.succeeded, where=_running_attempt(attempt),
                       progress=1.0, stage="done", metrics=metrics, artifact_id=artifact.id, **_finish_values(job))
-    if done is None:
-        session.rollback()
+    if done is not None:
+        session.add(artifact)
+        session.flush()
     return done
 
 
@@ -219,7 +222,3 @@ def duration_histogram(session: Session, buckets: list[float]) -> list[tuple[str
     rows = session.execute(select(JobRow.kind, *cols, func.sum(JobRow.duration_s), func.count())
                            .where(JobRow.duration_s.is_not(None)).group_by(JobRow.kind))
     return [(r[0], [int(x or 0) for x in r[1:1 + len(buckets)]], float(r[-2] or 0.0), int(r[-1])) for r in rows]
-
-
-def cutoff(seconds: float) -> datetime:
-    return utcnow() - timedelta(seconds=seconds)

@@ -1,19 +1,20 @@
-"""Jobs: create (validated, idempotent) and dispatch after commit, cancel, read (the moves: app/jobs/lifecycle.py)."""
+"""Jobs: create (validated, idempotent) and dispatch after commit, cancel, read, label patches (the moves:
+app/jobs/lifecycle.py). Each write commits the request's work (app/core/services.py); submission commits the job
+before it is sent to the broker."""
 from __future__ import annotations
 
 import hashlib
 import logging
 
 import orjson
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.auth.keys import Principal
-from app.core.db import owner_limit_lock, utcnow
-from app.core.deps import Services
+from app.core.db import cutoff, owner_limit_lock, utcnow
 from app.core.errors import Conflict, DistilleryError, NotFound, Unprocessable
-from app.core.tables import JobLabelRow, JobRow, ModelRow, WorkerRow
+from app.core.services import Services
+from app.core.tables import JobEventRow, JobLabelRow, JobRow, ModelRow
 from app.datasets import service as datasets
 from app.jobs import admission, lifecycle, repository as repo
 from app.jobs.methods import METHODS, MethodRule, method_of
@@ -24,10 +25,9 @@ from app.lineage import service as lineage
 from app.models import service as models
 from app.webhooks.policy import check_callback_url
 from app.webhooks.schemas import webhook_out
+from app.workers import repository as workers_repo
 
 log = logging.getLogger("distillery.jobs")
-
-BUILTIN_PREFIX = "builtin:"
 
 
 class TooManyJobs(DistilleryError):
@@ -42,7 +42,7 @@ def request_digest(body: JobCreate) -> str:
 def to_out(row: JobRow) -> JobOut:
     return JobOut(
         id=row.id, kind=row.kind, status=row.status, model_id=row.model_id,
-        dataset_id=BUILTIN_PREFIX + row.builtin_dataset if row.builtin_dataset else row.dataset_id,
+        dataset_id=datasets.dataset_id_of(row.dataset_id, row.builtin_dataset),
         config=row.config, device_requested=row.device_requested, queue=row.queue, progress=row.progress,
         stage=row.stage,
         attempts=row.attempts, max_attempts=row.max_attempts,
@@ -86,9 +86,7 @@ def _resolve_queue(session: Session, services: Services, device: str) -> str:
         return "gpu"
     if device == "cpu":
         return "cpu"
-    live_gpu = session.scalar(select(WorkerRow.name).where(
-        WorkerRow.queues.contains("gpu"),
-        WorkerRow.last_seen_at > repo.cutoff(services.settings.worker_lost_after_s)).limit(1))
+    live_gpu = workers_repo.live_on_queue(session, "gpu", cutoff(services.settings.worker_lost_after_s))
     return "gpu" if live_gpu else "cpu"
 
 
@@ -143,8 +141,8 @@ def create(services: Services, session: Session, who: Principal, body: JobCreate
 def _resolve_dataset(session: Session, scope: str | None, body: JobCreate, model: ModelRow, method: str,
                      rule: MethodRule) -> tuple[str | None, str | None]:
     """(uploaded dataset id, built-in name); 422 when the job needs data and names none."""
-    if body.dataset_id and body.dataset_id.startswith(BUILTIN_PREFIX):
-        builtin = body.dataset_id.removeprefix(BUILTIN_PREFIX)
+    if body.dataset_id and body.dataset_id.startswith(datasets.BUILTIN_PREFIX):
+        builtin = body.dataset_id.removeprefix(datasets.BUILTIN_PREFIX)
         _check_labels_fit(model.info or {}, admission.BUILTIN_CLASSES, body.dataset_id)
         return None, builtin
     if body.dataset_id:
@@ -211,7 +209,46 @@ def get(session: Session, owner: str | None, job_id: str) -> JobRow:
     return row
 
 
+def job_json(session: Session, job_id: str) -> bytes | None:
+    """Any owner's job as `GET /v1/jobs/{id}` renders it (the body of its webhook), or None when it does not exist."""
+    row = repo.get(session, job_id)
+    return None if row is None else to_out(row).model_dump_json().encode()
+
+
+def list_page(session: Session, owner: str | None, *, status: str | None, kind: str | None, model_id: str | None,
+              cursor: str | None, limit: int, label_filters: list[tuple[str, str | None]]) -> list[JobRow]:
+    return repo.list_page(session, owner, status=status, kind=kind, model_id=model_id, cursor=cursor, limit=limit,
+                          labels=label_filters)
+
+
+def list_of_model(session: Session, owner: str | None, model_id: str, *, cursor: str | None, limit: int,
+                  label_filters: list[tuple[str, str | None]]) -> list[JobRow]:
+    """Jobs that took the model as input, newest first (404 when the model is not the caller's)."""
+    models.get(session, owner, model_id)  # 404 model_not_found unless it is the caller's
+    return repo.list_page(session, owner, status=None, kind=None, model_id=model_id, cursor=cursor, limit=limit,
+                          labels=label_filters)
+
+
+def active_using_model(session: Session, model_id: str) -> int:
+    """The queued or running jobs that take the model as input or as their student (a model in use is not deleted)."""
+    return repo.active_using_model(session, model_id)
+
+
+def events(session: Session, owner: str | None, job_id: str, after: int) -> tuple[str, list[JobEventRow]]:
+    """The job's status and its events after sequence number `after` (404 unless it is the caller's)."""
+    job = get(session, owner, job_id)
+    return job.status, repo.events_after(session, job_id, after)
+
+
 def cancel(session: Session, owner: str | None, job_id: str) -> JobOut:
     done = lifecycle.cancel(session, get(session, owner, job_id))
     session.commit()
     return to_out(done)
+
+
+def patch_labels(session: Session, owner: str | None, job_id: str, patch: dict) -> JobOut:
+    """A JSON merge patch of the job's labels (null removes a key)."""
+    row = get(session, owner, job_id)
+    labels.replace(row, JobLabelRow, labels.merge(labels.as_dict(row.label_rows), patch))
+    session.commit()
+    return to_out(row)

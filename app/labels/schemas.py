@@ -1,13 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import Query
 from pydantic import BaseModel, Field
-
-LabelQuery = Annotated[list[str] | None, Query(
-    max_length=20, description="Only resources with this label: `key:value`, or `key` (any value). Repeat to require "
-                               "several (AND).")]
 
 
 class LabelsPatch(BaseModel):

@@ -1,15 +1,14 @@
-"""Labels on models and jobs: validation, merge patches, and the SQL of `?label=` filters.
+"""Labels on models and jobs: validation, merge patches and `?label=` filters (their SQL: app/labels/repository.py).
 
-Labels live in their own tables (model_labels, job_labels: one row per key, primary key (resource id, key), an index
-on (key, value)), so a filter is plain portable SQL on SQLite and PostgreSQL: one correlated EXISTS per requested
-label, ANDed, beside the owner and cursor conditions of the list query.
+A label set is a JSON object of at most MAX_LABELS string keys and values; the models and jobs services keep them
+in their own tables (`replace`) and render them back (`as_dict`).
 """
 from __future__ import annotations
 
 import re
 from typing import Any
 
-from sqlalchemy import exists
+import orjson
 
 from app.core.errors import Unprocessable
 
@@ -59,8 +58,6 @@ def parse_form_field(text: str | None) -> dict[str, str]:
     """The `labels` form field of an upload: a JSON object."""
     if text is None or not text.strip():
         return {}
-    import orjson
-
     try:
         raw = orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -99,18 +96,6 @@ def parse_filters(raw: list[str] | None) -> list[tuple[str, str | None]]:
                        code="invalid_label_filter")
         out.append((key, value if sep else None))
     return out
-
-
-def filter_clauses(label_cls, owner_fk, parent_id, filters: list[tuple[str, str | None]]) -> list:
-    """One correlated EXISTS per filter, e.g. EXISTS (SELECT 1 FROM job_labels WHERE job_id = jobs.id AND key = :k
-    AND value = :v); the (resource id, key) primary key answers each."""
-    clauses = []
-    for key, value in filters:
-        cond = [owner_fk == parent_id, label_cls.key == key]
-        if value is not None:
-            cond.append(label_cls.value == value)
-        clauses.append(exists().where(*cond))
-    return clauses
 
 
 def as_dict(label_rows) -> dict[str, str]:

@@ -1,5 +1,4 @@
-"""Lineage: artifacts as input models (no copy, no download), a model's jobs, and an artifact's chain back to the
-uploaded teacher.
+"""Lineage: artifacts as input models (no copy, no download), and an artifact's chain back to the uploaded teacher.
 
 A model made from an artifact is a row pointing at the artifact's stored file (same sha256) with
 `source_artifact_id` set; it is inspected like an upload. Storage quota: its bytes are counted once, as the
@@ -7,18 +6,22 @@ artifact's (see app/models/repository.stored_bytes).
 """
 from __future__ import annotations
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.artifacts import repository as artifacts_repo
 from app.artifacts import service as artifacts
 from app.auth.keys import Principal
-from app.core.deps import Services
 from app.core.errors import Unprocessable
-from app.core.tables import ArtifactRow, JobRow, ModelLabelRow, ModelRow
+from app.core.services import Services
+from app.core.tables import JobRow, ModelLabelRow, ModelRow
+from app.datasets.service import dataset_id_of
 from app.labels import service as labels
+from app.lineage import repository as repo
 from app.lineage.schemas import LineageJob, LineageOut, LineageStep
+from app.models import repository as models_repo
 from app.models import service as models
 from app.models.inspect import ModelRejected, inspect_model
+from app.models.schemas import ModelOut
 
 MAX_DEPTH = 64
 
@@ -29,7 +32,8 @@ class InputModelRequired(Unprocessable):
 
 def model_from_artifact(services: Services, session: Session, who: Principal, artifact_id: str, *,
                         name: str | None = None, model_labels: dict[str, str] | None = None) -> ModelRow:
-    """A new model row on the artifact's stored content (added to the session; the caller commits)."""
+    """A new model row on the artifact's stored content, added in the caller's transaction (a job's submission, or
+    `make_model`)."""
     art = artifacts.get(session, who.scope, artifact_id)
     artifacts.check_content(services.storage, art)
     try:  # produced by our own worker, but it goes through the same inspector as an upload
@@ -43,9 +47,16 @@ def model_from_artifact(services: Services, session: Session, who: Principal, ar
     row = ModelRow(owner=who.owner, name=models.clean_name(name, art.filename), format=info.format,
                    size_bytes=art.size_bytes, sha256=art.sha256, info=info.to_dict(), source_artifact_id=art.id)
     labels.replace(row, ModelLabelRow, model_labels or {})
-    session.add(row)
-    session.flush()
+    models_repo.add(session, row)
     return row
+
+
+def make_model(services: Services, session: Session, who: Principal, artifact_id: str, *, name: str | None,
+               model_labels: dict[str, str]) -> ModelOut:
+    """`POST /v1/models/from-artifact`: a model of the artifact, committed."""
+    row = model_from_artifact(services, session, who, artifact_id, name=name, model_labels=model_labels)
+    session.commit()
+    return models.to_out(row)
 
 
 def input_model(services: Services, session: Session, who: Principal, model_id: str | None,
@@ -57,9 +68,7 @@ def input_model(services: Services, session: Session, who: Principal, model_id: 
                                  detail={"fields": ["model_id", "artifact_id"]})
     if model_id is not None:
         return models.get(session, who.scope, model_id)
-    existing = session.scalars(select(ModelRow).where(
-        ModelRow.source_artifact_id == artifact_id, ModelRow.owner == who.owner, ModelRow.deleted_at.is_(None))
-        .order_by(ModelRow.id).limit(1)).first()
+    existing = models_repo.live_from_artifact(session, who.owner, artifact_id)
     if existing is not None:
         artifacts.get(session, who.scope, artifact_id)  # still visible to the caller
         return existing
@@ -71,11 +80,9 @@ def _scoped(row, scope: str | None):
 
 
 def _job_out(job: JobRow) -> LineageJob:
-    from app.jobs.service import BUILTIN_PREFIX
-
     return LineageJob(id=job.id, kind=job.kind, method=(job.config or {}).get("method") or "kd", status=job.status,
                       config=job.config or {}, labels=labels.as_dict(job.label_rows),
-                      dataset_id=BUILTIN_PREFIX + job.builtin_dataset if job.builtin_dataset else job.dataset_id,
+                      dataset_id=dataset_id_of(job.dataset_id, job.builtin_dataset),
                       created_at=job.created_at, finished_at=job.finished_at)
 
 
@@ -86,27 +93,18 @@ def lineage(session: Session, scope: str | None, artifact_id: str) -> LineageOut
     steps: list[LineageStep] = []
     seen = {art.id}
     while len(steps) < MAX_DEPTH:
-        job = _scoped(session.get(JobRow, art.job_id), scope)
-        model = _scoped(session.get(ModelRow, job.model_id), scope) if job is not None else None
+        job = _scoped(repo.job(session, art.job_id), scope)
+        model = _scoped(models_repo.by_id(session, job.model_id), scope) if job is not None else None
         if job is None or model is None:
             break
         steps.append(LineageStep(artifact=artifacts.to_out(art), job=_job_out(job),
                                  input_model=models.to_out(model)))
         if model.source_artifact_id is None:
             return LineageOut(artifact_id=artifact_id, steps=steps, teacher=models.to_out(model), complete=True)
-        nxt = _scoped(session.get(ArtifactRow, model.source_artifact_id), scope)
+        nxt = _scoped(artifacts_repo.by_id(session, model.source_artifact_id), scope)
         if nxt is None or nxt.id in seen:
             break
         seen.add(nxt.id)
         art = nxt
     return LineageOut(artifact_id=artifact_id, steps=steps, teacher=None, complete=False)
 
-
-def model_jobs(session: Session, scope: str | None, model_id: str, *, cursor: str | None, limit: int,
-               label_filters: list[tuple[str, str | None]]) -> list[JobRow]:
-    """Jobs that took the model as input, newest first (404 when the model is not the caller's)."""
-    from app.jobs import repository as jobs_repo
-
-    models.get(session, scope, model_id)  # 404 model_not_found unless it is the caller's
-    return jobs_repo.list_page(session, scope, status=None, kind=None, model_id=model_id, cursor=cursor, limit=limit,
-                               labels=label_filters)

@@ -1,21 +1,23 @@
+"""Every query on models, and the storage accounting that uploads share (what an owner stores, whether any row still
+points at some content). Callers own the transaction."""
 from __future__ import annotations
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
-from app.core.db import utcnow
+from app.core.db import owned, utcnow
 from app.core.tables import ArtifactRow, DatasetRow, ModelLabelRow, ModelRow
-from app.labels.service import filter_clauses
-
-
-def owned(stmt, column, owner: str | None):
-    """Restrict a query to one owner's rows; an admin (owner None) sees every owner's."""
-    return stmt if owner is None else stmt.where(column == owner)
+from app.labels.repository import filter_clauses
 
 
 def get(session: Session, owner: str | None, model_id: str) -> ModelRow | None:
     stmt = select(ModelRow).where(ModelRow.id == model_id, ModelRow.deleted_at.is_(None))
     return session.scalars(owned(stmt, ModelRow.owner, owner)).one_or_none()
+
+
+def by_id(session: Session, model_id: str) -> ModelRow | None:
+    """Any owner's model, soft-deleted ones included (history: lineage, a job's inputs)."""
+    return session.get(ModelRow, model_id)
 
 
 def list_page(session: Session, owner: str | None, cursor: str | None, limit: int,
@@ -35,6 +37,20 @@ def live_with_content(session: Session, owner: str, sha256: str, fmt: str) -> Mo
     stmt = select(ModelRow).where(ModelRow.owner == owner, ModelRow.sha256 == sha256, ModelRow.format == fmt,
                                   ModelRow.deleted_at.is_(None))
     return session.scalars(stmt.order_by(ModelRow.id).limit(1)).first()
+
+
+def live_from_artifact(session: Session, owner: str, artifact_id: str) -> ModelRow | None:
+    """The owner's oldest live model made from this artifact."""
+    stmt = select(ModelRow).where(ModelRow.source_artifact_id == artifact_id, ModelRow.owner == owner,
+                                  ModelRow.deleted_at.is_(None))
+    return session.scalars(stmt.order_by(ModelRow.id).limit(1)).first()
+
+
+def add(session: Session, row: ModelRow | DatasetRow) -> None:
+    """Insert a new model's row (or, for the upload path that models and datasets share, a dataset's), flushed so
+    that it has its id."""
+    session.add(row)
+    session.flush()
 
 
 def soft_delete(session: Session, model: ModelRow) -> None:

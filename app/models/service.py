@@ -1,5 +1,9 @@
-"""Model uploads: inspect the received file, store it by content, record the row. One live row per owner and
-content: a repeated upload answers the row the owner already has (docs/api.md, "Repeated uploads")."""
+"""Models: uploads (inspect the received file, store it by content, record the row), reads, label patches, deletes.
+
+One live row per owner and content: a repeated upload answers the row the owner already has (docs/api.md, "Repeated
+uploads"). An upload commits in its own steps (store the file, then insert the row under the owner's storage lock);
+`insert_uploaded` is shared with datasets. Everything else commits the request's work once, at its end
+(app/core/services.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,11 +12,10 @@ from typing import Any, TypeVar
 from sqlalchemy.orm import Session
 
 from app.core.db import owner_limit_lock
-from app.core.deps import Services
 from app.core.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
+from app.core.services import Services
 from app.core.tables import ModelLabelRow, ModelRow
 from app.core.uploads import ReceivedUpload, UploadQuota
-from app.jobs import repository as jobs_repo
 from app.labels import service as labels
 from app.models import repository as repo
 from app.models.inspect import ModelRejected, inspect_model
@@ -119,7 +122,7 @@ def insert_uploaded(services: Services, row, existing: Callable[[Session], Any],
                 if found is not None:
                     return out(found), False
                 check_quota(services, session, row.owner, row.size_bytes)
-                session.add(row)
+                repo.add(session, row)
                 session.commit()
         except BaseException:
             session.rollback()
@@ -146,12 +149,26 @@ def get(session: Session, owner: str | None, model_id: str) -> ModelRow:
     return row
 
 
-def delete(services: Services, session: Session, owner: str | None, model_id: str) -> None:
+def list_page(session: Session, owner: str | None, cursor: str | None, limit: int,
+              label_filters: list[tuple[str, str | None]], sha256: str | None) -> list[ModelRow]:
+    return repo.list_page(session, owner, cursor, limit, labels=label_filters, sha256=sha256)
+
+
+def patch_labels(session: Session, owner: str | None, model_id: str, patch: dict) -> ModelOut:
+    """A JSON merge patch of the model's labels (null removes a key)."""
     row = get(session, owner, model_id)
-    active = jobs_repo.active_using_model(session, model_id)
-    if active:
-        raise Conflict(f"model {model_id} is used by {active} queued or running job(s); cancel them first",
-                       code="model_in_use", detail={"active_jobs": active})
+    labels.replace(row, ModelLabelRow, labels.merge(labels.as_dict(row.label_rows), patch))
+    session.commit()
+    return to_out(row)
+
+
+def delete(services: Services, session: Session, row: ModelRow, *, active_jobs: int) -> None:
+    """Soft-delete a model and, when nothing else points at it, its stored content. `active_jobs` is the number of
+    queued or running jobs that take the model as input or student (app/jobs/service.active_using_model): a model
+    in use is a 409 `model_in_use`."""
+    if active_jobs:
+        raise Conflict(f"model {row.id} is used by {active_jobs} queued or running job(s); cancel them first",
+                       code="model_in_use", detail={"active_jobs": active_jobs})
     repo.soft_delete(session, row)
     session.commit()
     forget_content(services, session, row.sha256)

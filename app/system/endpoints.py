@@ -3,19 +3,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
-from sqlalchemy import func, select, text
 from starlette.concurrency import run_in_threadpool
 
-from app.core.broker import QUEUES, check_broker, queue_depth
-from app.core.deps import Services, ServicesDep
+from app.core.deps import ServicesDep
 from app.core.errors import error_body
-from app.core.tables import DatasetRow, ModelRow
-from app.jobs import repository as jobs_repo
+from app.system import service
 
 router = APIRouter(tags=["system"])
-DURATION_BUCKETS = [1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600]
 
 
 @router.get("/healthz", summary="The process is up")
@@ -23,76 +17,16 @@ async def healthz():
     return {"status": "ok"}
 
 
-def _readiness(services: Services) -> dict[str, str]:
-    checks: dict[str, str] = {}
-    try:
-        with services.db.session() as session:
-            session.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as exc:  # noqa: BLE001
-        checks["database"] = f"unavailable: {type(exc).__name__}"
-    try:
-        check_broker(services.celery)
-        checks["broker"] = "ok"
-    except Exception as exc:  # noqa: BLE001
-        checks["broker"] = f"unavailable: {type(exc).__name__}"
-    if services.settings.storage_url:  # object storage: the bucket answers HeadBucket
-        try:
-            services.storage.check()
-            checks["storage"] = "ok"
-        except Exception as exc:  # noqa: BLE001
-            checks["storage"] = f"unavailable: {getattr(exc, 'message', type(exc).__name__)}"
-    return checks
-
-
 @router.get("/readyz", summary="Database, broker and object storage reachable (503 otherwise)",
             responses={503: {"description": "Not ready; the body says which dependency failed."}})
 async def readyz(services: ServicesDep):
-    checks = await run_in_threadpool(_readiness, services)
+    checks = await run_in_threadpool(service.readiness, services)
     if all(v == "ok" for v in checks.values()):
         return {"status": "ready", "checks": checks}
-    return JSONResponse(error_body("not_ready", "a dependency is unavailable", {"checks": checks}),
-                          status_code=503)
-
-
-class _DbCollector:
-    """Reads the database at scrape time, so every API process reports the same figures."""
-
-    def __init__(self, services: Services):
-        self.services = services
-
-    def collect(self):
-        with self.services.db.session() as session:
-            jobs = GaugeMetricFamily("distillery_jobs", "Jobs by kind and status.", labels=["kind", "status"])
-            for kind, status, n in jobs_repo.counts_by_kind_status(session):
-                jobs.add_metric([kind, status], n)
-            yield jobs
-            hist = HistogramMetricFamily("distillery_job_duration_seconds", "Wall time of finished jobs.",
-                                         labels=["kind"])
-            for kind, cumulative, total, count in jobs_repo.duration_histogram(session, DURATION_BUCKETS):
-                buckets = [(str(b), c) for b, c in zip(DURATION_BUCKETS, cumulative, strict=True)] + [("+Inf", count)]
-                hist.add_metric([kind], buckets, total)
-            yield hist
-            upload = GaugeMetricFamily("distillery_upload_bytes", "Bytes of stored uploads.", labels=["type"])
-            upload.add_metric(["model"], float(session.scalar(select(func.coalesce(func.sum(ModelRow.size_bytes), 0)))))
-            upload.add_metric(["dataset"], float(session.scalar(select(func.coalesce(func.sum(DatasetRow.size_bytes), 0)))))
-            yield upload
-        depth = GaugeMetricFamily("distillery_queue_depth", "Messages waiting in the broker queue (Redis only).",
-                                  labels=["queue"])
-        for q in QUEUES:
-            n = queue_depth(self.services.celery, q)
-            if n is not None:
-                depth.add_metric([q], n)
-        yield depth
-
-
-def _render_metrics(services: Services) -> bytes:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_DbCollector(services))
-    return generate_latest(registry)
+    return JSONResponse(error_body("not_ready", "a dependency is unavailable", {"checks": checks}), status_code=503)
 
 
 @router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
 async def metrics(services: ServicesDep):
-    body = await run_in_threadpool(_render_metrics, services)
+    body = await run_in_threadpool(service.render_metrics, services)
     return PlainTextResponse(body, media_type="text/plain; version=0.0.4")

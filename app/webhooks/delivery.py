@@ -6,27 +6,34 @@ check (redirects are not followed, no proxy from the environment is used). Every
 and shows in the job's `webhook` object; failures are retried with exponential back-off up to
 `webhook_max_attempts`. Delivery is at least once: a worker that dies mid-POST leaves a lease that expires, and
 another worker sends it again (receivers de-duplicate on X-Distillery-Delivery).
+
+This package sits below the jobs domain (jobs record the outbox rows and render the webhook state), so the worker
+hands the deliverer the function that renders a job (`RenderJob`: app/jobs/service.job_json). Each claim and each
+recorded attempt is committed on its own (the delivery is the unit of work).
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.db import Database, utcnow
-from app.core.tables import JobRow
-from app.webhooks import outbox
+from app.webhooks import repository as outbox
 from app.webhooks.policy import AllowList, Refused, parse_target, resolve_checked
 from app.webhooks.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 log = logging.getLogger("distillery.webhooks")
 BATCH = 20
 USER_AGENT = "Distillery-Webhooks/1"
+#: (session, job id) -> the job's JSON as `GET /v1/jobs/{id}` answers it, or None when the job does not exist
+RenderJob = Callable[[Session, str], "bytes | None"]
 
 
 @dataclass
@@ -65,14 +72,7 @@ def post(settings: Settings, url: str, body: bytes, headers: dict[str, str]) -> 
     return AttemptResult(False, response.status_code, f"HTTP {response.status_code} ({why})")
 
 
-def _job_json(session, job_id: str) -> bytes | None:
-    from app.jobs.service import to_out
-
-    job = session.get(JobRow, job_id)
-    return None if job is None else to_out(job).model_dump_json().encode()
-
-
-def deliver_one(db: Database, settings: Settings, delivery_id: str) -> str | None:
+def deliver_one(db: Database, settings: Settings, render_job: RenderJob, delivery_id: str) -> str | None:
     """Claim, send and record one delivery; None when another process holds it (or it is no longer due)."""
     lease_s = settings.webhook_timeout_s * 4 + 30
     with db.session() as session:
@@ -81,7 +81,7 @@ def deliver_one(db: Database, settings: Settings, delivery_id: str) -> str | Non
             session.rollback()
             return None
         session.commit()
-        body = _job_json(session, claimed.job_id)
+        body = render_job(session, claimed.job_id)
     if body is None:
         result = AttemptResult(False, error="the job no longer exists")
     else:
@@ -102,18 +102,18 @@ def deliver_one(db: Database, settings: Settings, delivery_id: str) -> str | Non
     return state
 
 
-def deliver_due(db: Database, settings: Settings, limit: int = BATCH) -> int:
+def deliver_due(db: Database, settings: Settings, render_job: RenderJob, limit: int = BATCH) -> int:
     """Deliver what is due now (at most `limit`); returns how many attempts this process made."""
     with db.session() as session:
         ids = outbox.due(session, utcnow(), limit)
-    return sum(deliver_one(db, settings, i) is not None for i in ids)
+    return sum(deliver_one(db, settings, render_job, i) is not None for i in ids)
 
 
 class WebhookDeliverer:
     """The delivery loop on its own thread, so a slow receiver never delays the reaper."""
 
-    def __init__(self, db: Database, settings: Settings, interval_s: float):
-        self.db, self.settings, self.interval_s = db, settings, interval_s
+    def __init__(self, db: Database, settings: Settings, interval_s: float, render_job: RenderJob):
+        self.db, self.settings, self.interval_s, self.render_job = db, settings, interval_s, render_job
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -128,7 +128,7 @@ class WebhookDeliverer:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                while deliver_due(self.db, self.settings) >= BATCH and not self._stop.is_set():
+                while deliver_due(self.db, self.settings, self.render_job) >= BATCH and not self._stop.is_set():
                     pass  # a backlog: keep going without waiting
             except (OperationalError, InterfaceError) as exc:  # the database is unreachable: try again next round
                 log.warning("webhook delivery round skipped, database unavailable: %s", exc.orig)

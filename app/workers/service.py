@@ -1,11 +1,11 @@
 """Workers publish what they can run when they start; the API aggregates the live ones."""
 from __future__ import annotations
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.core.db import cutoff
 from app.core.tables import WorkerRow
-from app.jobs.repository import cutoff
+from app.workers import repository as repo
 from app.workers.schemas import CapabilitiesOut, MethodCapability, WorkerOut
 
 
@@ -18,7 +18,7 @@ def _worker_out(row: WorkerRow, live: bool) -> WorkerOut:
 
 def capabilities(session: Session, live_within_s: float) -> CapabilitiesOut:
     since = cutoff(live_within_s)
-    rows = list(session.scalars(select(WorkerRow).order_by(WorkerRow.name)))
+    rows = repo.all_by_name(session)
     merged: dict[tuple[str, str], MethodCapability] = {}
     builtins: dict[str, bool] = {}
     workers = []

@@ -4,10 +4,11 @@ process can produce (a stand-in child)."""
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import select
 
 from app.core.broker import make_celery, queue_depth
 from app.core.errors import InvalidTransition
-from app.core.tables import JobRow, ModelRow
+from app.core.tables import ArtifactRow, JobRow, ModelRow
 from app.jobs import lifecycle, repository as repo
 from app.jobs.lifecycle import Move
 from app.jobs.states import ErrorCode, JobStatus
@@ -97,6 +98,26 @@ def test_an_attempt_that_lost_the_job_records_nothing(rt):
         assert _in_tx(rt, record) == Move.lost
     row = _row(rt, job_id)
     assert (row.status, row.worker, row.attempts) == (JobStatus.running, "w2", 2)
+
+
+def _artifact(job_id: str) -> ArtifactRow:
+    return ArtifactRow(owner="o", job_id=job_id, format="onnx", size_bytes=1, sha256="1" * 64, filename="m.fp16.onnx")
+
+
+def test_a_success_records_its_artifact_only_while_the_attempt_holds_the_job(rt):
+    job_id = _job(rt, max_attempts=3)
+    stale = _in_tx(rt, lambda s: lifecycle.claim(s, job_id, "w1", "cpu"))
+    assert _in_tx(rt, lambda s: lifecycle.retry_or_fail(s, stale, attempt=1, reason="lost", code="x")) == Move.requeued
+    _in_tx(rt, lambda s: lifecycle.claim(s, job_id, "w2", "cpu"))
+    assert _in_tx(rt, lambda s: lifecycle.record_success(s, job_id, 1, _artifact(job_id), {"a": 1})) == Move.lost
+    with rt.db.session() as s:
+        assert s.scalars(select(ArtifactRow).where(ArtifactRow.job_id == job_id)).all() == []
+    assert _row(rt, job_id).status == JobStatus.running
+    assert _in_tx(rt, lambda s: lifecycle.record_success(s, job_id, 2, _artifact(job_id), {"a": 2})) == Move.succeeded
+    row = _row(rt, job_id)
+    with rt.db.session() as s:
+        (artifact,) = s.scalars(select(ArtifactRow).where(ArtifactRow.job_id == job_id)).all()
+    assert (row.status, row.artifact_id, row.metrics, row.stage) == (JobStatus.succeeded, artifact.id, {"a": 2}, "done")
 
 
 def test_cancel_a_queued_job_at_once_and_ask_a_running_one(rt):

@@ -14,8 +14,9 @@ from fastapi.testclient import TestClient
 
 from app.core.db import Database, utcnow
 from app.core.tables import WebhookDeliveryRow
+from app.jobs.service import job_json
 from app.main import create_app
-from app.webhooks import outbox
+from app.webhooks import repository as outbox
 from app.webhooks.delivery import deliver_due
 from app.webhooks.policy import AllowList, Refused, parse_target, resolve_checked
 from tests.app.test_api_uploads import _error, upload_model
@@ -274,11 +275,11 @@ def test_two_processes_never_claim_the_same_delivery(hooks_client, receiver):
         for t in threads:
             t.join()
         assert len(won) == 1 and won[0].attempts == 1
-        assert deliver_due(db, settings) == 0  # leased: not due for anyone
+        assert deliver_due(db, settings, job_json) == 0  # leased: not due for anyone
         with db.session() as s:  # the lease expires (its holder died): another process delivers it
             s.query(WebhookDeliveryRow).filter_by(id=delivery_id).update({"claimed_until": utcnow()})
             s.commit()
-        assert deliver_due(db, settings) == 1
+        assert deliver_due(db, settings, job_json) == 1
         hook = api.get(f"/v1/jobs/{job['id']}").json()["webhook"]
         assert hook["state"] == "delivered" and hook["attempts"] == 2
         assert verify_signature(receiver.at("/race")[0])["id"] == job["id"]

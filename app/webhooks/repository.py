@@ -1,6 +1,6 @@
 """The webhook outbox: recorded in the transaction that ends a job, claimed conditionally, retried with back-off.
 
-Queries only; callers own the transaction (as in app/jobs/repository.py).
+Queries only; callers own the transaction (as in app/jobs/repository.py, which records a job's row when it ends).
 """
 from __future__ import annotations
 
