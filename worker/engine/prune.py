@@ -4,7 +4,8 @@
   smallest |w| is set to zero, ranked across all layers ("global") or within each ("layer"). An ONNX artifact is
   the upload with its initializers zeroed in place (no conversion); otherwise the trainable module is masked. The
   file stays dense: zeros are stored and multiplied like any other weight, so neither size nor speed improves without
-  a sparse runtime (FACTS.md). The report says so and gives the compressed sizes, which do show the zeros.
+  a sparse runtime (neither ONNX Runtime's CPU kernels nor torch's dense ones skip zeros). The report says so and
+  gives the compressed sizes, which do show the zeros.
 - channels: structured, with torch-pruning: MagnitudeImportance (L2) groups coupled layers through its dependency
   graph, removes `ratio` of each group's channels (kept counts rounded to `round_to`), and leaves the layer that
   produces the output alone so the output shape is unchanged. The model really shrinks: fewer params and MACs.

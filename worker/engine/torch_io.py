@@ -43,7 +43,7 @@ from .data import Feeds, TensorSpec, synthetic_feeds
 from .measure import rss_peak_growth
 from .onnx_io import OnnxModel, cpu_threads, load_onnx_model
 
-#: The opset every export writes (the example model's; FACTS.md: what ONNX Runtime and our converter handle).
+#: The opset every export writes (the example model's, and one that ONNX Runtime and our converter both handle).
 EXPORT_OPSET = 17
 BATCH_DIM = "batch"
 

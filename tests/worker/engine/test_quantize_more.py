@@ -127,7 +127,7 @@ def test_auto_keeps_the_fastest_candidate_within_budget_and_records_every_candid
         assert {"latency_ms_p50", "baseline_latency_ms_p50", "speedup", "accuracy", "accuracy_drop", "agreement",
                 "cosine", "within_budget", "faster", "size_bytes"} <= set(c)
     # Which candidate wins is a timing question (bench/; on this CPU dynamic int8's ConvInteger is several times
-    # slower than fp32, FACTS.md): the test checks that the choice follows the rule on the figures auto recorded.
+    # slower than fp32): the test checks that the choice follows the rule on the figures auto recorded.
     eligible = [c for c in candidates.values() if c["within_budget"] and c["faster"]]
     if eligible:
         assert facts["chosen"] == min(eligible, key=lambda c: c["latency_ms_p50"])["method"] and not facts["flagged"]
