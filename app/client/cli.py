@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -614,6 +615,9 @@ def run(args) -> int:
     """Run a client command and map what happened to the exit code. With --json, stdout gets exactly one document:
     the command's, or the error document."""
     out = Out(bool(getattr(args, "json", False)))
+    # the CLI's output is its own: httpx's per-request INFO lines stay out even where logging is configured
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     url = getattr(args, "url", None) or os.environ.get("DISTILLERY_URL") or DEFAULT_URL
     api_key = getattr(args, "api_key", None) or os.environ.get("DISTILLERY_API_KEY") or None
     try:
