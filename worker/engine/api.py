@@ -15,7 +15,7 @@ from . import distill as _distill  # noqa: F401  (registers the distill method)
 from . import prune as _prune  # noqa: F401  (registers the prune methods)
 from . import quantize as _quantize  # noqa: F401  (registers the quantize methods)
 from .config import MethodConfig
-from .core import EngineError, JobResult, JobSpec, RunContext, checkpoint, monotonic_context, scoped_context
+from .core import EngineError, first_line, JobResult, JobSpec, RunContext, checkpoint, monotonic_context, scoped_context
 from .data import (
     Dataset,
     TensorSpec,
@@ -158,7 +158,7 @@ def verify_artifact(
     try:
         outputs = runner.run(sample)
     except Exception as exc:
-        raise EngineError("result_invalid", f"the artifact fails to run: {_first_line(exc)}") from None
+        raise EngineError("result_invalid", f"the artifact fails to run: {first_line(exc)}") from None
     if len(outputs) != len(reference):
         raise EngineError(
             "result_invalid", f"the artifact has {len(outputs)} outputs; the original has {len(reference)}"
@@ -240,8 +240,8 @@ def _probe_baseline(baseline: Runner, sample: dict, from_dataset: bool) -> list[
         return baseline.run(sample)
     except Exception as exc:
         if from_dataset:
-            raise EngineError("invalid_dataset", f"the model rejects the dataset's rows: {_first_line(exc)}") from None
-        raise EngineError("invalid_model", f"the model fails to run on sample inputs: {_first_line(exc)}") from None
+            raise EngineError("invalid_dataset", f"the model rejects the dataset's rows: {first_line(exc)}") from None
+        raise EngineError("invalid_model", f"the model fails to run on sample inputs: {first_line(exc)}") from None
 
 
 def _add_macs(metrics: dict[str, Any], job: PreparedJob, result: Runner) -> None:
@@ -290,7 +290,3 @@ def _finish_metrics(
     json.dumps(metrics, allow_nan=False)  # a bug, not a job error, if this fails
     return metrics
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:500]

@@ -30,6 +30,13 @@ class EngineError(Exception):
         return f"{self.code}: {self.message}"
 
 
+def first_line(exc: BaseException, limit: int = 500) -> str:
+    """An exception in one line for a job's error message: its first line (else its type), at most `limit`
+    characters."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]
+
+
 @dataclass
 class RunContext:
     device: str  # "cpu" or "cuda" (already resolved)

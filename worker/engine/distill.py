@@ -52,6 +52,7 @@ from .core import (
     EngineError,
     RunContext,
     checkpoint,
+    first_line,
     raise_if_cancelled,
     scoped_context,
 )
@@ -60,6 +61,7 @@ from .onnx_io import OnnxModel, OnnxRunner, load_onnx_model
 from .prune import prune_channels
 from .registry import Artifact, PreparedJob, register
 from .torch_io import (
+    count_trainable_params,
     export_onnx,
     export_torchscript,
     load_torchscript_model,
@@ -603,11 +605,6 @@ def build_cnn(row_shape: tuple[int, ...], channels: tuple[int, ...], hidden: tup
     return nn.Sequential(*layers)
 
 
-def count_params(module: nn.Module) -> int:
-    """Trainable parameters (weights and biases; BatchNorm running statistics are buffers, not counted)."""
-    return int(sum(p.numel() for p in module.parameters()))
-
-
 # --- the method ----------------------------------------------------------------------------------------------
 
 
@@ -653,7 +650,7 @@ def distill_kd(job: PreparedJob, config: DistillConfig, ctx: RunContext) -> Arti
     checkpoint(ctx, 0.12, "building the student")
     student, student_facts = make_student()
     teacher_params = int(job.model.params)
-    student_params = count_params(student)
+    student_params = count_trainable_params(student)
     train_end = 0.55 if config.compare_baseline else 0.92
     report = train_student(
         student, train, TrainSettings.from_config(config), scoped_context(ctx, 0.12, train_end), val=val,
@@ -858,7 +855,7 @@ def _uploaded_student(job: PreparedJob, data: TrainData, classes: int) -> tuple[
         with torch.no_grad():
             outputs = module.eval()(*[torch.from_numpy(np.ascontiguousarray(a[:2])) for a in data.inputs])
     except Exception as exc:
-        raise EngineError("invalid_model", f"the student model fails on the teacher's inputs: {_first_line(exc)}") from None
+        raise EngineError("invalid_model", f"the student model fails on the teacher's inputs: {first_line(exc)}") from None
     outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
     first = outputs[0]
     if first.dim() != 2 or first.shape[1] != classes:
@@ -967,7 +964,3 @@ def _with_extra_output(model: OnnxModel, name: str) -> tuple[OnnxModel, int]:
     proto.graph.output.append(info)
     return dataclasses.replace(model, proto=proto, raw=proto.SerializeToString()), len(outputs)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:500]

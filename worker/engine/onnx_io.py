@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .core import EngineError
+from .core import EngineError, first_line
 from .data import Feeds, TensorSpec
 from .measure import rss_peak_growth
 
@@ -71,7 +71,7 @@ def load_onnx_model(path: Path, error_code: str = "invalid_model") -> OnnxModel:
     except MemoryError:
         raise
     except Exception as exc:
-        raise EngineError(error_code, f"the ONNX model is invalid: {_first_line(exc)}") from None
+        raise EngineError(error_code, f"the ONNX model is invalid: {first_line(exc)}") from None
     initializer_names = {t.name for t in proto.graph.initializer}
     graph_inputs = [v for v in proto.graph.input if v.name not in initializer_names]
     if not graph_inputs:
@@ -204,10 +204,6 @@ def _tensor_spec(value: onnx.ValueInfoProto, error_code: str, strict: bool) -> T
     return TensorSpec(value.name, tuple(dims), dtype)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:500]
-
 
 # --- onnxruntime -----------------------------------------------------------------------------------------------
 
@@ -240,7 +236,7 @@ class OnnxRunner:
         try:
             self.session = ort.InferenceSession(model.raw, options, providers=execution_providers(device))
         except Exception as exc:
-            raise EngineError(error_code, f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+            raise EngineError(error_code, f"onnxruntime cannot load the model: {first_line(exc)}") from None
         self.model = model
         self.inputs = model.inputs
         self.provider = self.session.get_providers()[0]

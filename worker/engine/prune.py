@@ -32,11 +32,11 @@ from onnx import numpy_helper
 from torch import nn
 
 from .config import ConfigError, FineTuneConfig, MethodConfig
-from .core import EngineError, RunContext, checkpoint, raise_if_cancelled, scoped_context
+from .core import EngineError, first_line, RunContext, checkpoint, raise_if_cancelled, scoped_context
 from .data import Feeds
 from .onnx_io import OnnxModel
 from .registry import MODEL_FORMATS, Artifact, PreparedJob, register
-from .torch_io import count_macs, export_onnx, export_torchscript, to_tensors, torch_device
+from .torch_io import count_macs, count_trainable_params, export_onnx, export_torchscript, to_tensors, torch_device
 
 FINE_TUNE_BATCH = 128
 FINE_TUNE_SEED = 0
@@ -210,7 +210,7 @@ def prune_channels(module: nn.Module, example_feeds: dict[str, np.ndarray], rati
         shapes_before = [tuple(o.shape) for o in _outputs(module(*args))]
     widths_before = _widths(module)
     ignored = _output_layers(module, args)
-    params_before = _count_params(module)
+    params_before = count_trainable_params(module)
     macs_before = count_macs(module, example_feeds)
     try:
         with warnings.catch_warnings():
@@ -224,12 +224,12 @@ def prune_channels(module: nn.Module, example_feeds: dict[str, np.ndarray], rati
             shapes_after = [tuple(o.shape) for o in _outputs(module(*args))]
     except Exception as exc:
         raise EngineError(
-            "unsupported", f"torch-pruning cannot prune this model's channels: {_first_line(exc)}"
+            "unsupported", f"torch-pruning cannot prune this model's channels: {first_line(exc)}"
         ) from None
     if shapes_after != shapes_before:
         raise EngineError("unsupported", f"channel pruning changed the output shapes {shapes_before} -> {shapes_after}")
     widths_after = _widths(module)
-    params_after = _count_params(module)
+    params_after = count_trainable_params(module)
     macs_after = count_macs(module, example_feeds)
     return {
         "ratio": ratio,
@@ -278,10 +278,6 @@ def _outputs(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     return [t for item in out for t in _outputs(item)]
-
-
-def _count_params(module: nn.Module) -> int:
-    return int(sum(p.numel() for p in module.parameters()))
 
 
 def fine_tune(
@@ -402,7 +398,3 @@ def _export(module: nn.Module, job: PreparedJob, name: str) -> Path:
         return export_onnx(module, feeds, job.work_dir / f"model.{name}.onnx")
     return export_torchscript(module, feeds, job.work_dir / f"model.{name}.pt")
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:500]

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .config import CalibrationConfig, MethodConfig
-from .core import EngineError, RunContext, checkpoint, raise_if_cancelled, scoped_context
+from .core import EngineError, first_line, RunContext, checkpoint, raise_if_cancelled, scoped_context
 from .data import Feeds, batch_of, feeds_length, fixed_batch_size, iter_batches
 from .measure import classification_metrics, fidelity_metrics, measure_latency, plan_batch_sizes, predict
 from .onnx_io import OnnxRunner, load_onnx_model
@@ -117,7 +117,7 @@ def quantize_bf16(job: PreparedJob, config: Bf16Config, ctx: RunContext) -> Arti
         with torch.inference_mode():
             module.to(device)(*[torch.from_numpy(v).to(device) for v in feeds.values()])
     except Exception as exc:
-        raise EngineError("unsupported", f"torch cannot run this model in bf16 here: {_first_line(exc)}") from None
+        raise EngineError("unsupported", f"torch cannot run this model in bf16 here: {first_line(exc)}") from None
     output = export_torchscript(module, feeds, job.work_dir / "model.bf16.pt")
     ctx.progress(1.0, "converted to bf16")
     facts: dict[str, Any] = {"name": "bf16", "weights": "bfloat16", "io": "float32", "runtime": "torch"}
@@ -273,7 +273,7 @@ def _fp16(job: PreparedJob, config: MethodConfig, ctx: RunContext, output_format
         onnx.checker.check_model(converted)
     except Exception as exc:
         raise EngineError("unsupported", f"onnxconverter-common could not convert this model to fp16: "
-                                         f"{_first_line(exc)}") from None
+                                         f"{first_line(exc)}") from None
     output = job.work_dir / "model.fp16.onnx"
     onnx.save(converted, str(output))
     ctx.progress(1.0, "converted to fp16")
@@ -463,7 +463,7 @@ def _prepare(job: PreparedJob, ctx: RunContext, min_opset: int | None = None) ->
             raise EngineError(
                 "unsupported",
                 f"the model uses opset {opset}; this method needs opset >= {min_opset} and the upgrade failed: "
-                f"{_first_line(exc)}",
+                f"{first_line(exc)}",
             ) from None
         onnx.save(upgraded, str(original))
         facts["opset_upgraded"] = {"from": opset, "to": min_opset}
@@ -478,7 +478,7 @@ def _prepare(job: PreparedJob, ctx: RunContext, min_opset: int | None = None) ->
             quant_pre_process(source, target)
         onnx.checker.check_model(onnx.load(str(prepared), load_external_data=False))
     except Exception as exc:
-        return original, {**facts, "preprocessed": False, "preprocess_error": _first_line(exc)}
+        return original, {**facts, "preprocessed": False, "preprocess_error": first_line(exc)}
     return prepared, {**facts, "preprocessed": True}
 
 
@@ -517,7 +517,7 @@ def _quantize(call, output: Path) -> None:
     except EngineError:
         raise
     except Exception as exc:
-        raise EngineError("unsupported", f"onnxruntime could not quantize this model: {_first_line(exc)}") from None
+        raise EngineError("unsupported", f"onnxruntime could not quantize this model: {first_line(exc)}") from None
 
 
 def _calibration_feeds(train: Feeds, samples: int) -> Feeds:
@@ -584,7 +584,3 @@ def _quiet():
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:500]

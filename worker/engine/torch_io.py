@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import fx, nn
 
-from .core import EngineError
+from .core import EngineError, first_line
 from .data import Feeds, TensorSpec, synthetic_feeds
 from .measure import rss_peak_growth
 from .onnx_io import OnnxModel, cpu_threads, load_onnx_model
@@ -98,7 +98,7 @@ def load_torchscript(path: Path, error_code: str = "invalid_model") -> torch.jit
     except MemoryError:
         raise
     except Exception as exc:
-        raise EngineError(error_code, f"torch.jit.load cannot load the model: {_first_line(exc)}") from None
+        raise EngineError(error_code, f"torch.jit.load cannot load the model: {first_line(exc)}") from None
     check_torchscript_code(module, error_code)
     return module.eval()
 
@@ -334,6 +334,12 @@ def torchscript_input_names(module: torch.jit.ScriptModule) -> list[str]:
     return [arg.name for arg in module.forward.schema.arguments[1:]]
 
 
+def count_trainable_params(module: nn.Module) -> int:
+    """Trainable parameters (weights and biases; BatchNorm running statistics are buffers, not counted): what
+    pruning and a student's size are measured in."""
+    return int(sum(p.numel() for p in module.parameters()))
+
+
 def count_params(module: nn.Module) -> int:
     """Elements in the module's parameters and buffers, counting the int8 weights that torch's dynamic quantization
     packs into script objects (Linear, Embedding), which state_dict leaves out."""
@@ -526,7 +532,7 @@ def export_onnx(
             )
     except Exception as legacy_error:
         if isinstance(module, torch.jit.ScriptModule):
-            raise EngineError("unsupported", f"cannot export the model to ONNX: {_first_line(legacy_error)}") from None
+            raise EngineError("unsupported", f"cannot export the model to ONNX: {first_line(legacy_error)}") from None
         try:
             batch = torch.export.Dim(BATCH_DIM)
             with _quiet_export():
@@ -538,7 +544,7 @@ def export_onnx(
         except Exception as exc:
             raise EngineError(
                 "unsupported",
-                f"cannot export the model to ONNX: {_first_line(legacy_error)} (dynamo exporter: {_first_line(exc)})",
+                f"cannot export the model to ONNX: {first_line(legacy_error)} (dynamo exporter: {first_line(exc)})",
             ) from None
     proto = onnx.load(str(path), load_external_data=False)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
@@ -556,7 +562,7 @@ def export_torchscript(module: nn.Module, example_feeds: Feeds, path: Path) -> P
             traced = torch.jit.trace(module, args, check_trace=False)
         traced.save(str(path))
     except Exception as exc:
-        raise EngineError("unsupported", f"cannot save the model as TorchScript: {_first_line(exc)}") from None
+        raise EngineError("unsupported", f"cannot save the model as TorchScript: {first_line(exc)}") from None
     return Path(path)
 
 
@@ -704,7 +710,7 @@ class _Converter:
         try:
             results = ReferenceEvaluator(model).run(None, {n: self.consts[n] for n in inputs})
         except Exception as exc:
-            raise _unsupported(f"ONNX op {node.op_type} on constants cannot be evaluated: {_first_line(exc)}") from None
+            raise _unsupported(f"ONNX op {node.op_type} on constants cannot be evaluated: {first_line(exc)}") from None
         for name, value in zip([n for n in node.output if n], results):
             self.consts[name] = np.asarray(value)
 
@@ -1175,7 +1181,3 @@ _OPS: dict[str, Callable] = {
     "Identity": _identity,
 }
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:500]

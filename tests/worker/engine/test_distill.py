@@ -20,11 +20,12 @@ from worker.engine.distill import (
     TrainSettings,
     build_cnn,
     build_mlp,
-    count_params,
     evaluate,
     kd_loss,
     train_student,
 )
+
+from worker.engine.torch_io import count_trainable_params
 
 from .conftest import FAST_BENCHMARK
 
@@ -61,7 +62,7 @@ def teacher(digits, tmp_path_factory) -> dict:
     np.savez(out / "digits.npz", x=x_train, y=digits.y_train, x_test=x_test, y_test=digits.y_test)
     np.savez(out / "unlabelled.npz", x=x_train, x_test=x_test)
     return {"onnx": path, "npz": out / "digits.npz", "unlabelled": out / "unlabelled.npz", "accuracy": accuracy,
-            "params": count_params(model), "x_test": x_test}
+            "params": count_trainable_params(model), "x_test": x_test}
 
 
 class Jobs:
@@ -390,7 +391,7 @@ def test_student_builders_shapes():
     assert cnn(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
     tiny = build_cnn((1, 3, 3), (4, 4, 4), (), 5)  # stops pooling at 1x1
     assert tiny(torch.zeros(2, 1, 3, 3)).shape == (2, 5)
-    assert count_params(build_mlp(64, (32,), 10)) == 64 * 32 + 32 + 32 * 10 + 10
+    assert count_trainable_params(build_mlp(64, (32,), 10)) == 64 * 32 + 32 + 32 * 10 + 10
 
 
 def test_a_builtin_transfer_set_is_shaped_for_a_flat_teacher(jobs, teacher):
