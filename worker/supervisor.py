@@ -108,7 +108,7 @@ def run_job(rt: Runtime, job_id: str, worker_name: str) -> str:
 
 
 def _run_job(rt: Runtime, job_id: str, worker_name: str) -> str:
-    job = _with_db_retry(rt, lambda s: _claim(s, job_id, worker_name))
+    job = _with_db_retry(rt, lambda s: lifecycle.claim(s, job_id, worker_name, _device_for))
     if job is None:
         return "skipped"
     log.info("job %s: claimed (attempt %d/%d)", job_id, job.attempts, job.max_attempts)
@@ -137,11 +137,7 @@ def _run_job(rt: Runtime, job_id: str, worker_name: str) -> str:
         pool.top_up()  # the next job's process starts now that this one is over
 
 
-def _claim(session, job_id: str, worker_name: str) -> JobRow | None:
-    current = repo.get(session, job_id)
-    if current is None:
-        return None
-    return lifecycle.claim(session, job_id, worker_name, _device_for(current))
+
 
 
 def _inputs(rt: Runtime, session, job: JobRow) -> dict | Outcome:

@@ -19,7 +19,7 @@ of `send_run_job`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import StrEnum
 
 from celery import Celery
@@ -53,16 +53,17 @@ def _exhausted(job: JobRow) -> str:
     return f"the job was tried {job.attempts} times without finishing"
 
 
-def claim(session: Session, job_id: str, worker: str, device: str) -> JobRow | None:
-    """queued -> running for `worker` (attempts + 1). None when the job is not queued any more (another worker
-    claimed it, it was cancelled) or has no attempt left, in which case it is failed `attempts_exhausted`."""
+def claim(session: Session, job_id: str, worker: str, device: str | Callable[[JobRow], str]) -> JobRow | None:
+    """queued -> running for `worker` (attempts + 1), on `device` (or the device `device(job)` picks for it). None
+    when the job is not queued any more (another worker claimed it, it was cancelled) or has no attempt left, in
+    which case it is failed `attempts_exhausted`."""
     current = repo.get(session, job_id)
     if current is None or current.status != JobStatus.queued:
         return None
     if not attempts_left(current):
         repo.fail(session, job_id, ErrorCode.attempts_exhausted, _exhausted(current))
         return None
-    return repo.claim(session, job_id, worker, device)
+    return repo.claim(session, job_id, worker, device if isinstance(device, str) else device(current))
 
 
 def record_success(session: Session, job_id: str, attempt: int, artifact: ArtifactRow, metrics: dict) -> Move:
