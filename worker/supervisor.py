@@ -137,9 +137,6 @@ def _run_job(rt: Runtime, job_id: str, worker_name: str) -> str:
         pool.top_up()  # the next job's process starts now that this one is over
 
 
-
-
-
 def _inputs(rt: Runtime, session, job: JobRow) -> dict | Outcome:
     model = session.get(ModelRow, job.model_id)
     dataset = session.get(DatasetRow, job.dataset_id) if job.dataset_id else None
