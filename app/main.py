@@ -31,8 +31,8 @@ from app.datasets.endpoints import router as datasets_router
 from app.jobs.endpoints import router as jobs_router
 from app.jobs.fastpath import JobPollFastPath
 from app.jobs.fastread import JobReader
-from app.jobs.schemas import UNION_TAGS
 from app.lineage.endpoints import router as lineage_router
+from app.methods import UNION_TAGS
 from app.models.endpoints import router as models_router
 from app.system.endpoints import router as system_router
 from app.workers.endpoints import router as workers_router
@@ -50,7 +50,9 @@ def _validation_detail(exc: RequestValidationError) -> list[dict]:
         raw = [str(p) for p in err.get("loc", ())]
         # drop "body" and the tags that discriminated unions add (body.quantize.config.x -> config.x)
         loc = [p for i, p in enumerate(raw) if not (i == 0 and p == "body" and len(raw) > 1)
-               and not (p in UNION_TAGS and i > 0 and raw[i - 1] in ("body", "student"))]
+               and not (p in UNION_TAGS and i > 0 and raw[i - 1] in ("body", "config", "student"))]
+        if err.get("type") == "invalid_method":  # the config's method is missing or unknown
+            loc.append("method")
         out.append({"field": ".".join(loc), "message": err.get("msg", ""), "type": err.get("type", "")})
     return out
 

@@ -242,7 +242,7 @@ GUIDE_CASES = {"guide: 200-row transfer subset": GUIDE_CONFIG,
 
 
 def guide_runs(work: Path) -> dict:
-    from worker.engine.distill import DistillConfig
+    from app.methods import DistillConfig
     from worker.examples import write_example
 
     example = write_example(work / "example", seed=0)
@@ -262,7 +262,7 @@ def guide_runs(work: Path) -> dict:
                          "student_params": m["method"]["params"]["student"], "params_ratio": m["ratios"]["params"]})
             print(f"   {name:<34} seed {seed}: KD {c['kd']:.4f}  labels-only {c['labels_only']:.4f}  kept {c['kept']}",
                   flush=True)
-        config_used = DistillConfig.from_dict({k: v for k, v in config.items() if k != "seed"}).to_dict()
+        config_used = DistillConfig.model_validate({k: v for k, v in config.items() if k != "seed"}).model_dump(mode="json")
         out["cases"][name] = {"config": config, "effective_config": config_used, "runs": runs,
                               "kd_mean": statistics.fmean(r["kd"] for r in runs),
                               "labels_only_mean": statistics.fmean(r["labels_only"] for r in runs)}

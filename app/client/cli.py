@@ -132,6 +132,11 @@ def _schema_choices(model: type[BaseModel], field: str) -> list[str]:
     return list(get_args(model.model_fields[field].annotation))
 
 
+def _default(model: type[BaseModel], field: str) -> Any:
+    """A config key's default, as the service fills it in (app/methods): the CLI's help never restates one."""
+    return model.model_fields[field].get_default(call_default_factory=True)
+
+
 def _json_arg(text: str) -> Any:
     """A JSON value, or @FILE to read it from a file."""
     try:
@@ -704,7 +709,9 @@ def _job_opts(p: argparse.ArgumentParser, with_model: bool = True) -> None:
 
 
 def _shortcut(sub, common, kind: str, help_: str) -> argparse.ArgumentParser:
-    from app.jobs.schemas import OutputFormat
+    from app.methods import BenchmarkConfig, OutputFormat
+
+    bench = BenchmarkConfig()
 
     p = _add(sub, kind, cmd_shortcut, help_, common)
     p.set_defaults(kind=kind)
@@ -718,9 +725,9 @@ def _shortcut(sub, common, kind: str, help_: str) -> argparse.ArgumentParser:
     p.add_argument("--output-format", choices=list(get_args(OutputFormat)), default=None,
                    help="format of the artifact (default: the input's where the method allows, else onnx)")
     p.add_argument("--batch-sizes", type=_batch_sizes, default=None, metavar="1,64",
-                   help="batch sizes timed (default 1,64)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per batch size (default 50)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 5)")
+                   help=f"batch sizes timed (default {','.join(map(str, bench.batch_sizes))})")
+    p.add_argument("--repeats", type=int, default=None, help=f"timed runs per batch size (default {bench.repeats})")
+    p.add_argument("--warmup", type=int, default=None, help=f"untimed runs first (default {bench.warmup})")
     p.add_argument("--config", type=_json_object, default=None, metavar="JSON",
                    help="more config keys as a JSON object (or @FILE), merged last; see docs/api.md")
     return p
@@ -728,7 +735,8 @@ def _shortcut(sub, common, kind: str, help_: str) -> argparse.ArgumentParser:
 
 def register(parser: argparse.ArgumentParser, sub) -> None:
     """Add the client commands to `distillery`'s parser (`sub`: its subparsers) and the client options to it."""
-    from app.jobs.schemas import CalibrationConfig, PruneConfig, QuantizeConfig
+    from app.methods import (KINDS, CalibrationConfig, DistillConfig, FineTuneConfig, PruneBase, QuantizeBase,
+                             methods_of)
 
     _client_options(parser.add_argument_group("client options (for the client commands below)"), suppress=False)
     common = _common()
@@ -769,7 +777,7 @@ def register(parser: argparse.ArgumentParser, sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     js = j.add_subparsers(dest="jobs_command", required=True, metavar="{submit,list,show,wait,cancel,events}")
     p = _add(js, "submit", cmd_jobs_submit, "Submit a job with a JSON config (see docs/api.md).", common)
-    p.add_argument("--kind", required=True, choices=["quantize", "prune", "distill"])
+    p.add_argument("--kind", required=True, choices=list(KINDS))
     p.add_argument("--model", required=True, metavar="MODEL",
                    help="a model id, a model file (uploaded), or artifact:ID")
     p.add_argument("--config", type=_json_object, required=True, metavar="JSON",
@@ -783,7 +791,7 @@ def register(parser: argparse.ArgumentParser, sub) -> None:
     p = _add(js, "list", cmd_jobs_list, "List jobs, newest first.", common)
     _list_opts(p)
     p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"], default=None)
-    p.add_argument("--kind", choices=["quantize", "prune", "distill"], default=None)
+    p.add_argument("--kind", choices=list(KINDS), default=None)
     p.add_argument("--model", type=_id, default=None, metavar="ID", help="only jobs on this model")
     p.add_argument("--label", type=_label, action="append", default=[], metavar="KEY=VALUE",
                    help="only jobs with this label (repeatable: all must match)")
@@ -818,35 +826,38 @@ def register(parser: argparse.ArgumentParser, sub) -> None:
 
     p = _shortcut(sub, common, "quantize", "Upload a model (and dataset), quantize it, wait, print the before/after "
                   "report and download the artifact.")
-    p.add_argument("--method", required=True, choices=_schema_choices(QuantizeConfig, "method"),
+    p.add_argument("--method", required=True, choices=methods_of("quantize"),
                    help="static_int8 needs --dataset (calibration); auto keeps the fastest within the accuracy budget")
-    p.add_argument("--calibration-samples", type=int, default=None, metavar="N", help="static_int8 (default 512)")
+    p.add_argument("--calibration-samples", type=int, default=None, metavar="N", help=f"static_int8 (default {_default(CalibrationConfig, 'samples')})")
     p.add_argument("--calibration-method", choices=_schema_choices(CalibrationConfig, "method"), default=None)
     p.add_argument("--max-accuracy-drop", type=float, default=None, metavar="F",
-                   help="accuracy budget as a fraction (default 0.01)")
+                   help=f"accuracy budget as a fraction (default {_default(QuantizeBase, 'max_accuracy_drop')})")
 
     p = _shortcut(sub, common, "prune", "Upload a model (and dataset), prune it, wait, print the before/after "
                   "report and download the artifact.")
-    p.add_argument("--method", required=True, choices=_schema_choices(PruneConfig, "method"),
+    p.add_argument("--method", required=True, choices=methods_of("prune"),
                    help="channels: structured (smaller, faster); magnitude: unstructured sparsity")
-    p.add_argument("--ratio", type=float, default=None, help="channels removed (channels; default 0.5)")
-    p.add_argument("--sparsity", type=float, default=None, help="target sparsity (magnitude; default 0.5)")
-    p.add_argument("--scope", choices=_schema_choices(PruneConfig, "scope"), default=None)
-    p.add_argument("--round-to", type=int, default=None, metavar="N", help="kept channels rounded to N (default 8)")
+    p.add_argument("--ratio", type=float, default=None, help=f"channels removed (channels; default {_default(PruneBase, 'ratio')})")
+    p.add_argument("--sparsity", type=float, default=None, help=f"target sparsity (magnitude; default {_default(PruneBase, 'sparsity')})")
+    p.add_argument("--scope", choices=_schema_choices(PruneBase, "scope"), default=None)
+    p.add_argument("--round-to", type=int, default=None, metavar="N", help=f"kept channels rounded to N (default {_default(PruneBase, 'round_to')})")
     p.add_argument("--fine-tune-epochs", type=int, default=None, metavar="N",
                    help="fine-tune N epochs after pruning (needs --dataset)")
-    p.add_argument("--fine-tune-lr", type=float, default=None, metavar="LR")
+    p.add_argument("--fine-tune-lr", type=float, default=None, metavar="LR",
+                   help=f"(default {_default(FineTuneConfig, 'lr')})")
 
     p = _shortcut(sub, common, "distill", "Upload a teacher model (and dataset), distill a student, wait, print "
                   "the before/after report and download the student.")
     p.add_argument("--student", type=_json_object, required=True, metavar="JSON",
                    help='{"arch": "mlp", "hidden": [64]}, {"arch": "cnn", "channels": [8, 16]}, {"shrink": 0.5} '
                         'or {"model_id": "..."}')
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 10)")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--alpha", type=float, default=None, help="weight of the soft-target term (default 0.7)")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {_default(DistillConfig, 'epochs')})")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"softmax temperature (default {_default(DistillConfig, 'temperature')})")
+    p.add_argument("--alpha", type=float, default=None, help=f"weight of the soft-target term (default {_default(DistillConfig, 'alpha')})")
+    p.add_argument("--lr", type=float, default=None, help=f"(default {_default(DistillConfig, 'lr')})")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"(default {_default(DistillConfig, 'batch_size')})")
     p.add_argument("--train-samples", type=int, default=None, metavar="N")
     p.add_argument("--compare-baseline", action="store_true", help="also train the student from labels alone")
 

@@ -39,7 +39,7 @@ from app.core.db import cutoff
 from app.core.errors import Unprocessable
 from app.core.tables import DatasetRow, ModelRow
 from app.datasets import repository as datasets_repo
-from app.jobs.schemas import CnnStudent, MlpStudent, ModelStudent
+from app.methods import CnnStudent, MlpStudent, ModelStudent
 from app.models import repository as models_repo
 from app.workers import repository as workers_repo
 

@@ -17,11 +17,11 @@ from app.core.services import Services
 from app.core.tables import JobEventRow, JobLabelRow, JobRow, ModelRow
 from app.datasets import service as datasets
 from app.jobs import admission, lifecycle, repository as repo
-from app.jobs.methods import METHODS, MethodRule, method_of
-from app.jobs.schemas import JobCreate, JobError, JobOut, ModelStudent
+from app.jobs.schemas import JobCreate, JobError, JobOut
 from app.jobs.states import JobStatus
 from app.labels import service as labels
 from app.lineage import service as lineage
+from app.methods import MethodConfig, ModelStudent
 from app.models import service as models
 from app.webhooks.policy import check_callback_url
 from app.webhooks.schemas import webhook_out
@@ -105,10 +105,8 @@ def create(services: Services, session: Session, who: Principal, body: JobCreate
     callback_url = check_callback_url(body.callback_url, services.settings.webhook_allowed_hosts) \
         if body.callback_url is not None else None
     model = lineage.input_model(services, session, who, body.model_id, body.artifact_id)
-    method = method_of(body.kind, body.config)
-    rule = METHODS[(body.kind, method)]
-    _check_formats(body, method, rule, model.format)
-    dataset_id, builtin = _resolve_dataset(session, scope, body, model, method, rule)
+    _check_formats(body.config, model.format)
+    dataset_id, builtin = _resolve_dataset(session, scope, body, model)
     student_id = _student_model(session, scope, body)
     queue = _resolve_queue(session, services, body.device)
     admission.check_memory(session, services.settings, kind=body.kind, config=body.config, model=model,
@@ -138,8 +136,8 @@ def create(services: Services, session: Session, who: Principal, body: JobCreate
     return to_out(row), True
 
 
-def _resolve_dataset(session: Session, scope: str | None, body: JobCreate, model: ModelRow, method: str,
-                     rule: MethodRule) -> tuple[str | None, str | None]:
+def _resolve_dataset(session: Session, scope: str | None, body: JobCreate, model: ModelRow
+                     ) -> tuple[str | None, str | None]:
     """(uploaded dataset id, built-in name); 422 when the job needs data and names none."""
     if body.dataset_id and body.dataset_id.startswith(datasets.BUILTIN_PREFIX):
         builtin = body.dataset_id.removeprefix(datasets.BUILTIN_PREFIX)
@@ -150,8 +148,8 @@ def _resolve_dataset(session: Session, scope: str | None, body: JobCreate, model
         _check_dataset_fits(model.info or {}, dataset.info or {})
         _check_labels_fit(model.info or {}, (dataset.info or {}).get("num_classes"), f"dataset {dataset.id}")
         return dataset.id, None
-    if rule.needs_dataset:
-        what = f"{body.kind}/{method}"
+    if body.config.needs_dataset:
+        what = f"{body.kind}/{body.config.method_name}"
     elif getattr(body.config, "fine_tune", None) is not None:
         what = "fine_tune"
     elif model.format == "torchscript":
@@ -162,16 +160,17 @@ def _resolve_dataset(session: Session, scope: str | None, body: JobCreate, model
                         "builtin:digits)", code="dataset_required", detail={"field": "dataset_id"})
 
 
-def _check_formats(body: JobCreate, method: str, rule: MethodRule, model_format: str) -> None:
-    if model_format not in rule.input_formats:
-        raise Unprocessable(f"{body.kind}/{method} does not support {model_format} models (supported: "
-                            f"{sorted(rule.input_formats)})", code="unsupported_model_format",
-                            detail={"format": model_format, "supported": sorted(rule.input_formats)})
-    wanted = body.config.output_format
-    if wanted is not None and wanted not in rule.output_formats:
-        raise Unprocessable(f"{body.kind}/{method} cannot write {wanted} (it writes: {sorted(rule.output_formats)})",
+def _check_formats(config: MethodConfig, model_format: str) -> None:
+    what = f"{config.kind}/{config.method_name}"
+    if model_format not in config.input_formats:
+        raise Unprocessable(f"{what} does not support {model_format} models (supported: "
+                            f"{sorted(config.input_formats)})", code="unsupported_model_format",
+                            detail={"format": model_format, "supported": sorted(config.input_formats)})
+    wanted = config.output_format
+    if wanted is not None and wanted not in config.output_formats:
+        raise Unprocessable(f"{what} cannot write {wanted} (it writes: {sorted(config.output_formats)})",
                             code="unsupported_output_format",
-                            detail={"field": "config.output_format", "supported": sorted(rule.output_formats)})
+                            detail={"field": "config.output_format", "supported": sorted(config.output_formats)})
 
 
 def _check_concurrency(services: Services, session: Session, owner: str) -> None:

@@ -18,6 +18,7 @@ from app.datasets.service import dataset_id_of
 from app.labels import service as labels
 from app.lineage import repository as repo
 from app.lineage.schemas import LineageJob, LineageOut, LineageStep
+from app.methods import default_method
 from app.models import repository as models_repo
 from app.models import service as models
 from app.models.inspect import ModelRejected, inspect_model
@@ -80,7 +81,7 @@ def _scoped(row, scope: str | None):
 
 
 def _job_out(job: JobRow) -> LineageJob:
-    return LineageJob(id=job.id, kind=job.kind, method=(job.config or {}).get("method") or "kd", status=job.status,
+    return LineageJob(id=job.id, kind=job.kind, method=(job.config or {}).get("method") or default_method(job.kind) or job.kind, status=job.status,
                       config=job.config or {}, labels=labels.as_dict(job.label_rows),
                       dataset_id=dataset_id_of(job.dataset_id, job.builtin_dataset),
                       created_at=job.created_at, finished_at=job.finished_at)

@@ -227,7 +227,7 @@ def renamed_member(data: bytes, old_suffix: str, new_name: str) -> bytes:
 def test_distill_with_a_student_too_big_for_memory_is_refused_with_its_size(api):
     from app.core.tables import ModelRow
     from app.jobs.admission import student_need
-    from app.jobs.schemas import DistillConfig
+    from app.methods import DistillConfig
     from worker.engine.distill import build_cnn, build_mlp
     from worker.engine.torch_io import count_trainable_params
 

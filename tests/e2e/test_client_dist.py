@@ -109,8 +109,9 @@ def test_installs_the_client_alone(client_venv, tmp_path):
     shipped = set(out["files"])
     client_modules = {f"app/client/{p.name}" for p in (ROOT / "app" / "client").glob("*.py")}
     assert {f for f in shipped if f.startswith("app/client/")} == client_modules  # the build hook is not shipped
-    assert {"app/jobs/schemas.py", "app/core/ids.py"} <= shipped and "app/__init__.py" not in shipped
-    others = {f for f in shipped if not f.startswith("app/client/")}
+    assert {"app/jobs/schemas.py", "app/core/ids.py", "app/methods/base.py"} <= shipped
+    assert "app/__init__.py" not in shipped
+    others = {f for f in shipped if not f.startswith(("app/client/", "app/methods/"))}  # the method configs: all
     assert all(f.endswith(("/schemas.py", "/__init__.py", "/ids.py")) for f in others), sorted(others)
 
 

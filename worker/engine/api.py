@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
+
+from app.methods import MethodConfig
 
 from . import distill as _distill  # noqa: F401  (registers the distill method)
 from . import prune as _prune  # noqa: F401  (registers the prune methods)
 from . import quantize as _quantize  # noqa: F401  (registers the quantize methods)
-from .config import MethodConfig
 from .core import EngineError, first_line, JobResult, JobSpec, RunContext, checkpoint, monotonic_context, scoped_context
 from .data import (
     Dataset,
@@ -130,8 +132,21 @@ def resolve_method(spec: JobSpec) -> tuple[Method, MethodConfig, str]:
             f"{method.kind} method {method.name!r} does not accept {spec.model_format} models "
             f"(it accepts: {', '.join(method.input_formats)})",
         )
-    config = method.config_cls.from_dict({k: v for k, v in spec.config.items() if k != "method"})
-    return method, config, method.output_format(config.output_format, spec.model_format)
+    config = parse_method_config(method, spec.config)
+    try:
+        return method, config, config.resolve_output_format(spec.model_format)
+    except ValueError as exc:
+        raise EngineError("unsupported", str(exc)) from None
+
+
+def parse_method_config(method: Method, data: dict) -> MethodConfig:
+    """`data` as `method`'s typed config (app/methods), or EngineError("unsupported") naming the first problem."""
+    try:
+        return method.config_cls.model_validate({**data, "method": method.name})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        raise EngineError("unsupported", f"invalid config: {where}: {err['msg']}") from None
 
 
 def verify_artifact(
@@ -282,7 +297,7 @@ def _finish_metrics(
         "threads": baseline.threads,
         "inputs": [s.describe() for s in model.inputs],
         "outputs": [s.describe() for s in model.outputs],
-        "config": {"method": method.name, **config.to_dict()},
+        "config": config.model_dump(mode="json"),
         "versions": engine_versions(),
         "notes": notes,
     }

@@ -16,7 +16,7 @@ The student is one of:
 - {"model_id": "..."}: another uploaded model (JobSpec.student_model_path), converted to a trainable module.
 
 Training is seeded (weights, data order, the validation split), runs on ctx.device, reports progress per epoch
-and stops on cancellation. It runs at least `min_steps` optimizer steps (MIN_STEPS by default): when `epochs`
+and stops on cancellation. It runs at least `min_steps` optimizer steps (1,000 by default): when `epochs`
 epochs of the transfer set make fewer, whole epochs are added (10 epochs of a 1,437-row set at batch 128 are only
 120 steps, and both students stayed undertrained). With early_stopping, 10% of the transfer set (seeded) is held
 out: training stops after `patience` epochs without a better validation accuracy (top-1 agreement with the teacher
@@ -39,7 +39,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnx
@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigBase, ConfigError, MethodConfig, _build
+from app.methods import CnnStudent, DistillConfig, FeatureLoss, MlpStudent, ShrinkStudent
+
 from .core import (
     EngineError,
     RunContext,
@@ -79,165 +80,9 @@ MAX_FEATURE_BYTES = 1 << 30
 #: Cancellation is also checked every this many batches within an epoch.
 CANCEL_CHECK_BATCHES = 50
 SGD_MOMENTUM = 0.9
-#: Default `min_steps`: training runs at least this many optimizer steps, whatever `epochs` says. On small transfer
-#: sets a few epochs are a few dozen steps (10 epochs of the 1,437-row digits example at batch 128: 120 steps) and
-#: leave both students undertrained; see docs/benchmarks.md ("Distillation defaults") for the measurements.
-MIN_STEPS = 1000
-MAX_MIN_STEPS = 1_000_000
 #: The per-epoch curve keeps at most about this many points (every k-th epoch, and the last one), so that a long
 #: run over a tiny transfer set (one step an epoch) does not make the report huge.
 MAX_CURVE_POINTS = 200
-DEFAULT_HIDDEN = {"mlp": (256, 128), "cnn": (64,)}
-DEFAULT_CHANNELS = (16, 32)
-
-
-# --- config --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StudentConfig(ConfigBase):
-    """Exactly one kind of student: arch ("mlp" | "cnn"), shrink (0 < shrink < 1) or model_id."""
-
-    arch: str = ""
-    hidden: tuple[int, ...] = ()
-    channels: tuple[int, ...] = ()
-    shrink: float = 0.0
-    model_id: str = ""
-
-    @property
-    def kind(self) -> str:
-        """"mlp", "cnn", "shrink" or "model"."""
-        if self.arch:
-            return self.arch
-        return "shrink" if self.shrink else "model"
-
-    def validate(self) -> None:
-        given = [bool(self.arch), bool(self.shrink), bool(self.model_id)]
-        if sum(given) != 1:
-            raise ConfigError(_STUDENT_FORMS)
-        if self.arch and self.arch not in ("mlp", "cnn"):
-            raise ConfigError(f"student.arch must be 'mlp' or 'cnn', got {self.arch!r}")
-        if self.arch == "mlp" and not self.hidden:
-            raise ConfigError("student.hidden must list at least one layer width for an mlp")
-        if self.arch == "cnn" and not self.channels:
-            raise ConfigError("student.channels must list at least one conv width for a cnn")
-        if any(w < 1 for w in (*self.hidden, *self.channels)):
-            raise ConfigError("student widths must be >= 1")
-        if self.shrink and not 0.0 < self.shrink < 1.0:
-            raise ConfigError(f"student.shrink must be between 0 and 1 (exclusive), got {self.shrink}")
-
-    def to_dict(self) -> dict:
-        if self.arch == "mlp":
-            return {"arch": "mlp", "hidden": list(self.hidden)}
-        if self.arch == "cnn":
-            return {"arch": "cnn", "channels": list(self.channels), "hidden": list(self.hidden)}
-        if self.shrink:
-            return {"shrink": self.shrink}
-        return {"model_id": self.model_id}
-
-
-_STUDENT_FORMS = (
-    'student must be {"arch": "mlp", "hidden": [...]}, {"arch": "cnn", "channels": [...], "hidden": [...]}, '
-    '{"shrink": 0.5} or {"model_id": "..."}'
-)
-
-
-@dataclass(frozen=True)
-class EarlyStoppingConfig(ConfigBase):
-    patience: int = 3
-
-    def validate(self) -> None:
-        if self.patience < 1:
-            raise ConfigError("early_stopping.patience must be >= 1")
-
-
-@dataclass(frozen=True)
-class FeatureLossConfig(ConfigBase):
-    beta: float = 0.5
-    teacher_layer: str | None = None  # an ONNX tensor name; None: the input of the teacher's last Gemm/MatMul
-
-    def validate(self) -> None:
-        if self.beta < 0:
-            raise ConfigError("feature_loss.beta must be >= 0")
-
-
-@dataclass(frozen=True)
-class DistillConfig(MethodConfig):
-    student: StudentConfig = field(default_factory=StudentConfig)
-    temperature: float = 4.0
-    alpha: float = 0.7
-    epochs: int = 10
-    batch_size: int = 128
-    #: 0.003, not 0.001: measured better for both students on MNIST and Fashion-MNIST (MLP, 10 epochs; on
-    #: Fashion-MNIST KD lost to labels-only at 0.001 and won at 0.003) and no worse on the digits example.
-    lr: float = 0.003
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr_schedule: Literal["constant", "cosine", "step"] = "cosine"
-    seed: int = 0
-    early_stopping: EarlyStoppingConfig | None = None
-    compare_baseline: bool = False
-    #: Train at least this many optimizer steps: epochs are added (whole ones) when `epochs` gives fewer. 0: off.
-    min_steps: int = MIN_STEPS
-    feature_loss: FeatureLossConfig | None = None
-    #: Train on a seeded subset of this many training rows (0: all of them). Engine-level; for budget studies.
-    train_samples: int = 0
-
-    @classmethod
-    def from_dict(cls, data: dict | None) -> DistillConfig:
-        """As ConfigBase.from_dict, plus the student union (its defaults depend on its kind)."""
-        data = dict(data or {})
-        try:
-            if data.get("student") is None:
-                raise ConfigError(f"student is required: {_STUDENT_FORMS}")
-            student = _parse_student(data.pop("student"))
-        except ConfigError as exc:
-            raise EngineError("unsupported", f"invalid config: {exc}") from None
-        return dataclasses.replace(super().from_dict(data), student=student)
-
-    def validate(self) -> None:
-        super().validate()
-        if self.temperature <= 0:
-            raise ConfigError("temperature must be > 0")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError("alpha must be between 0 and 1")
-        if self.epochs < 1:
-            raise ConfigError("epochs must be >= 1")
-        if self.batch_size < 1:
-            raise ConfigError("batch_size must be >= 1")
-        if self.lr <= 0:
-            raise ConfigError("lr must be > 0")
-        if self.seed < 0:
-            raise ConfigError("seed must be >= 0")
-        if self.train_samples < 0:
-            raise ConfigError("train_samples must be >= 0 (0: all rows)")
-        if not 0 <= self.min_steps <= MAX_MIN_STEPS:
-            raise ConfigError(f"min_steps must be between 0 and {MAX_MIN_STEPS} (0: train `epochs` epochs only)")
-
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        out["student"] = self.student.to_dict()
-        return out
-
-
-def _parse_student(value: Any) -> StudentConfig:
-    if not isinstance(value, dict):
-        raise ConfigError(_STUDENT_FORMS)
-    value = dict(value)
-    arch = value.get("arch")
-    if arch is not None:
-        if arch not in DEFAULT_HIDDEN:
-            raise ConfigError(f"student.arch must be 'mlp' or 'cnn', got {arch!r}")
-        value.setdefault("hidden", list(DEFAULT_HIDDEN[arch]))
-        if arch == "cnn":
-            value.setdefault("channels", list(DEFAULT_CHANNELS))
-        keys = {"arch", "hidden", "channels"} if arch == "cnn" else {"arch", "hidden"}
-    elif "shrink" in value:
-        keys = {"shrink"}
-    elif "model_id" in value:
-        keys = {"model_id"}
-    else:
-        raise ConfigError(_STUDENT_FORMS)
-    return _build(StudentConfig, {k: v for k, v in value.items() if k in keys}, "student")
 
 
 # --- the training loop (reusable) ----------------------------------------------------------------------------
@@ -608,15 +453,7 @@ def build_cnn(row_shape: tuple[int, ...], channels: tuple[int, ...], hidden: tup
 # --- the method ----------------------------------------------------------------------------------------------
 
 
-@register(
-    "distill",
-    "kd",
-    DistillConfig,
-    input_formats=("onnx", "torchscript"),
-    output_formats=("onnx", "torchscript"),
-    needs_dataset=True,
-    default=True,
-)
+@register(DistillConfig)
 def distill_kd(job: PreparedJob, config: DistillConfig, ctx: RunContext) -> Artifact:
     dataset = job.dataset
     if dataset is None:
@@ -790,9 +627,9 @@ def _build_student(
     job: PreparedJob, config: DistillConfig, data: TrainData, classes: int
 ) -> tuple[nn.Module, dict[str, Any]]:
     student = config.student
-    if student.arch:
+    if isinstance(student, (MlpStudent, CnnStudent)):
         return _arch_student(job, student, data, classes)
-    if student.shrink:
+    if isinstance(student, ShrinkStudent):
         module = job.trainable()
         feeds = {spec.name: a[: min(len(a), 8)] for spec, a in zip(job.inputs, data.inputs)}
         pruning = prune_channels(module, feeds, ratio=student.shrink)
@@ -800,7 +637,7 @@ def _build_student(
     return _uploaded_student(job, data, classes)
 
 
-def _arch_student(job: PreparedJob, student: StudentConfig, data: TrainData, classes: int):
+def _arch_student(job: PreparedJob, student: MlpStudent | CnnStudent, data: TrainData, classes: int):
     arch = student.arch
     if len(data.inputs) != 1:
         raise EngineError(
@@ -816,7 +653,7 @@ def _arch_student(job: PreparedJob, student: StudentConfig, data: TrainData, cla
     x = data.inputs[0]
     if x.dtype != np.float32:
         raise EngineError("unsupported", f"an {arch} student needs a float32 input; the teacher's is {x.dtype}")
-    if arch == "mlp":
+    if isinstance(student, MlpStudent):
         in_features = int(np.prod(x.shape[1:]))
         facts = {"kind": "mlp", "in_features": in_features, "hidden": list(student.hidden), "classes": classes}
         return build_mlp(in_features, student.hidden, classes), facts
@@ -887,7 +724,7 @@ class _Teacher:
     """The uploaded model in inference only: its logits (first output) and, for the hint loss, one inner tensor
     (from the upload as ONNX, with that tensor added as an output)."""
 
-    def __init__(self, job: PreparedJob, feature_loss: FeatureLossConfig | None):
+    def __init__(self, job: PreparedJob, feature_loss: FeatureLoss | None):
         self.feature_layer: str | None = None
         self.feature_index = -1
         self.fixed_batch = fixed_batch_size(job.inputs)

@@ -26,7 +26,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .config import BenchmarkConfig
+from app.methods import BenchmarkConfig
+
 from .core import RunContext, checkpoint, raise_if_cancelled
 from .data import Feeds, batch_of, feeds_length, iter_batches
 

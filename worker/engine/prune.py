@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnx
@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
-from .config import ConfigError, FineTuneConfig, MethodConfig
+from app.methods import ChannelsConfig, FineTuneConfig, MagnitudeConfig
+
 from .core import EngineError, first_line, RunContext, checkpoint, raise_if_cancelled, scoped_context
 from .data import Feeds
 from .onnx_io import OnnxModel
-from .registry import MODEL_FORMATS, Artifact, PreparedJob, register
+from .registry import Artifact, PreparedJob, register
 from .torch_io import count_macs, count_trainable_params, export_onnx, export_torchscript, to_tensors, torch_device
 
 FINE_TUNE_BATCH = 128
@@ -54,33 +55,7 @@ _DENSE_NOTE = (
 )
 
 
-@dataclass(frozen=True)
-class MagnitudeConfig(MethodConfig):
-    sparsity: float = 0.5
-    scope: Literal["global", "layer"] = "global"
-    fine_tune: FineTuneConfig | None = None
-
-    def validate(self) -> None:
-        super().validate()
-        if not 0.0 <= self.sparsity <= 0.99:
-            raise ConfigError("sparsity must be between 0 and 0.99")
-
-
-@dataclass(frozen=True)
-class ChannelsConfig(MethodConfig):
-    ratio: float = 0.5
-    round_to: int = 8
-    fine_tune: FineTuneConfig | None = None
-
-    def validate(self) -> None:
-        super().validate()
-        if not 0.0 < self.ratio <= 0.9:
-            raise ConfigError("ratio must be above 0 and at most 0.9")
-        if self.round_to < 1:
-            raise ConfigError("round_to must be >= 1")
-
-
-@register("prune", "magnitude", MagnitudeConfig, input_formats=MODEL_FORMATS, output_formats=MODEL_FORMATS)
+@register(MagnitudeConfig)
 def prune_magnitude(job: PreparedJob, config: MagnitudeConfig, ctx: RunContext) -> Artifact:
     if config.fine_tune is None and job.output_format == "onnx":
         return _magnitude_onnx(job, config, ctx)
@@ -179,7 +154,7 @@ def _compressed_sizes(job: PreparedJob, path: Path) -> dict[str, int]:
     return {"baseline": len(zlib.compress(upload, 6)), "result": len(zlib.compress(path.read_bytes(), 6))}
 
 
-@register("prune", "channels", ChannelsConfig, input_formats=MODEL_FORMATS, output_formats=MODEL_FORMATS)
+@register(ChannelsConfig)
 def prune_channels_method(job: PreparedJob, config: ChannelsConfig, ctx: RunContext) -> Artifact:
     checkpoint(ctx, 0.0, "converting the model to torch")
     module = job.trainable()

@@ -27,7 +27,6 @@ import logging
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +36,21 @@ import onnx.version_converter
 import torch
 from torch import nn
 
-from .config import CalibrationConfig, MethodConfig
+from app.methods import (
+    AutoConfig,
+    Bf16Config,
+    CalibrationConfig,
+    DynamicInt8Config,
+    Fp16Config,
+    MethodConfig,
+    StaticInt8Config,
+)
+
 from .core import EngineError, first_line, RunContext, checkpoint, raise_if_cancelled, scoped_context
 from .data import Feeds, batch_of, feeds_length, fixed_batch_size, iter_batches
 from .measure import classification_metrics, fidelity_metrics, measure_latency, plan_batch_sizes, predict
 from .onnx_io import OnnxRunner, load_onnx_model
-from .registry import MODEL_FORMATS, Artifact, PreparedJob, register
+from .registry import Artifact, PreparedJob, register
 from .torch_io import TorchRunner, export_torchscript, load_torchscript_model, torch_device
 
 #: Seed of the calibration subset when the training split has more rows than `calibration.samples`.
@@ -58,53 +66,25 @@ AUTO_FIDELITY_FLOOR = 0.99
 _DYNAMIC_EXTRA_OPS = ("Gemm",)
 
 
-@dataclass(frozen=True)
-class DynamicInt8Config(MethodConfig):
-    per_channel: bool = True
-
-
-@dataclass(frozen=True)
-class StaticInt8Config(MethodConfig):
-    per_channel: bool = True
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-
-
-@dataclass(frozen=True)
-class Fp16Config(MethodConfig):
-    pass
-
-
-@dataclass(frozen=True)
-class Bf16Config(MethodConfig):
-    pass
-
-
-@dataclass(frozen=True)
-class AutoConfig(MethodConfig):
-    per_channel: bool = True
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-
-
 Builder = Callable[[PreparedJob, Any, RunContext, str], Artifact]
 
 
-@register("quantize", "dynamic_int8", DynamicInt8Config, input_formats=MODEL_FORMATS, output_formats=MODEL_FORMATS,
-          default=True)
+@register(DynamicInt8Config)
 def quantize_dynamic_int8(job: PreparedJob, config: DynamicInt8Config, ctx: RunContext) -> Artifact:
     return _dynamic_int8(job, config, ctx, job.output_format)
 
 
-@register("quantize", "static_int8", StaticInt8Config, input_formats=MODEL_FORMATS, needs_dataset=True)
+@register(StaticInt8Config)
 def quantize_static_int8(job: PreparedJob, config: StaticInt8Config, ctx: RunContext) -> Artifact:
     return _static_int8(job, config, ctx, job.output_format)
 
 
-@register("quantize", "fp16", Fp16Config, input_formats=MODEL_FORMATS, output_formats=MODEL_FORMATS)
+@register(Fp16Config)
 def quantize_fp16(job: PreparedJob, config: Fp16Config, ctx: RunContext) -> Artifact:
     return _fp16(job, config, ctx, job.output_format)
 
 
-@register("quantize", "bf16", Bf16Config, input_formats=MODEL_FORMATS, output_formats=("torchscript",))
+@register(Bf16Config)
 def quantize_bf16(job: PreparedJob, config: Bf16Config, ctx: RunContext) -> Artifact:
     device = torch_device(job.device)
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -314,13 +294,13 @@ def _cpu_has_native_bf16() -> bool:
 
 
 _AUTO_BUILDERS: dict[str, tuple[Builder, tuple[str, ...]]] = {
-    "dynamic_int8": (_dynamic_int8, MODEL_FORMATS),
-    "static_int8": (_static_int8, ("onnx",)),
-    "fp16": (_fp16, MODEL_FORMATS),
+    "dynamic_int8": (_dynamic_int8, DynamicInt8Config.output_formats),
+    "static_int8": (_static_int8, StaticInt8Config.output_formats),
+    "fp16": (_fp16, Fp16Config.output_formats),
 }
 
 
-@register("quantize", "auto", AutoConfig, input_formats=MODEL_FORMATS, output_formats=MODEL_FORMATS)
+@register(AutoConfig)
 def quantize_auto(job: PreparedJob, config: AutoConfig, ctx: RunContext) -> Artifact:
     """Build every candidate that applies (dynamic_int8, static_int8 when there is a dataset, fp16), each in
     output_format when the config names one, else in the upload's format where the method writes it (static_int8:

@@ -1,7 +1,10 @@
-"""Methods are found through a registry keyed by (kind, method name), each with its config class.
+"""Methods are found through a registry keyed by (kind, method name): one handler per config class.
 
-    @register("quantize", "dynamic_int8", DynamicInt8Config, default=True)
+    @register(DynamicInt8Config)
     def quantize_dynamic_int8(job: PreparedJob, config: DynamicInt8Config, ctx: RunContext) -> Artifact: ...
+
+The config class (app/methods, torch-free, shared with the API) says the method's kind, name, the formats it reads
+and writes and whether it needs a dataset; the handler receives the validated, typed config.
 
 A handler gets the loaded, validated model and dataset, writes its artifact under `job.work_dir` (scratch files
 under `job.scratch_dir`, which is removed afterwards) in `job.output_format` and returns an `Artifact`; `run_job`
@@ -18,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from app.methods import MethodConfig
 
 from .core import EngineError, RunContext
 from .data import Dataset, Feeds, batch_of, fixed_batch_size
@@ -114,56 +119,41 @@ Handler = Callable[[PreparedJob, Any, RunContext], Artifact]
 
 @dataclass(frozen=True)
 class Method:
-    kind: str
-    name: str
-    config_cls: type
+    config_cls: type[MethodConfig]
     handler: Handler
-    input_formats: tuple[str, ...]
-    output_formats: tuple[str, ...]
-    needs_dataset: bool
 
-    def output_format(self, requested: str | None, model_format: str) -> str:
-        """The artifact's format: `requested`, else the upload's where this method writes it, else ONNX (else the
-        first it writes). EngineError("unsupported") when `requested` is one it cannot write."""
-        if requested is None:
-            for candidate in (model_format, "onnx"):
-                if candidate in self.output_formats:
-                    return candidate
-            return self.output_formats[0]
-        if requested not in self.output_formats:
-            raise EngineError(
-                "unsupported",
-                f"{self.kind} method {self.name!r} cannot write {requested!r} "
-                f"(it writes: {', '.join(self.output_formats)})",
-            )
-        return requested
+    @property
+    def kind(self) -> str:
+        return self.config_cls.kind
+
+    @property
+    def name(self) -> str:
+        return self.config_cls.method_name
+
+    @property
+    def input_formats(self) -> tuple[str, ...]:
+        return self.config_cls.input_formats
+
+    @property
+    def output_formats(self) -> tuple[str, ...]:
+        return self.config_cls.output_formats
+
+    @property
+    def needs_dataset(self) -> bool:
+        return self.config_cls.needs_dataset
 
 
 _METHODS: dict[tuple[str, str], Method] = {}
-_DEFAULT_METHODS: dict[str, str] = {}
 
 
-def register(
-    kind: str,
-    name: str,
-    config_cls: type,
-    *,
-    input_formats: tuple[str, ...] = ("onnx",),
-    output_formats: tuple[str, ...] = ("onnx",),
-    needs_dataset: bool = False,
-    default: bool = False,
-) -> Callable[[Handler], Handler]:
-    """Register `handler` for (kind, name); `default` makes it the method used when the config names none."""
+def register(config_cls: type[MethodConfig]) -> Callable[[Handler], Handler]:
+    """Register `handler` as the method that `config_cls` configures."""
 
     def decorator(handler: Handler) -> Handler:
-        key = (kind, name)
+        key = (config_cls.kind, config_cls.method_name)
         if key in _METHODS:
-            raise ValueError(f"method {kind}/{name} is registered twice")
-        _METHODS[key] = Method(
-            kind, name, config_cls, handler, tuple(input_formats), tuple(output_formats), needs_dataset
-        )
-        if default:
-            _DEFAULT_METHODS[kind] = name
+            raise ValueError(f"method {key[0]}/{key[1]} is registered twice")
+        _METHODS[key] = Method(config_cls, handler)
         return handler
 
     return decorator
@@ -175,7 +165,7 @@ def find_method(kind: str, name: str | None) -> Method:
     if kind not in kinds:
         raise EngineError("unsupported", f"job kind {kind!r} is not supported (supported: {', '.join(kinds)})")
     if name is None:
-        name = _DEFAULT_METHODS.get(kind)
+        name = default_method(kind)
     method = _METHODS.get((kind, name)) if isinstance(name, str) else None
     if method is None:
         names = sorted(n for k, n in _METHODS if k == kind)
@@ -184,8 +174,8 @@ def find_method(kind: str, name: str | None) -> Method:
 
 
 def default_method(kind: str) -> str | None:
-    """The method a job of `kind` gets when its config names none (None: it must name one)."""
-    return _DEFAULT_METHODS.get(kind)
+    """The registered method a job of `kind` gets when its config names none (None: it must name one)."""
+    return next((m.name for m in all_methods() if m.kind == kind and m.config_cls.default), None)
 
 
 def all_methods() -> list[Method]:

@@ -68,9 +68,7 @@ def wheel_files(client_dir: Path, allowed: set[str]) -> dict[Path, str]:
 def imports(path: Path, repo: Path) -> list[tuple[int, str]]:
     """(line, module) for every import in the file, relative ones resolved; `from M import n` yields M and, where
     n is a module of package M, M.n."""
-    package = ".".join(path.relative_to(repo).with_suffix("").parts)
-    if path.name != "__init__.py":
-        package = package.rpartition(".")[0]
+    package = ".".join(path.relative_to(repo).with_suffix("").parts).rpartition(".")[0]  # app/x/y.py, app/x/__init__.py: app.x
     found: list[tuple[int, str]] = []
     for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
         if isinstance(node, ast.Import):

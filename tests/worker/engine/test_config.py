@@ -4,17 +4,39 @@ from pathlib import Path
 
 import pytest
 
+from app.methods import (
+    ChannelsConfig,
+    DynamicInt8Config,
+    FineTuneConfig,
+    MagnitudeConfig,
+    MethodConfig,
+    StaticInt8Config,
+    registered_configs,
+)
 from worker.engine import EngineError, registered_methods
 from worker.engine.api import resolve_method
-from worker.engine.config import FineTuneConfig
 from worker.engine.core import JobSpec
-from worker.engine.prune import ChannelsConfig, MagnitudeConfig
-from worker.engine.quantize import DynamicInt8Config, StaticInt8Config
+from worker.engine.registry import all_methods
+
+
+def parse(cls: type[MethodConfig], data: dict) -> MethodConfig:
+    """What the engine makes of a job config for `cls`'s method (EngineError("unsupported") when it is bad)."""
+    spec = JobSpec(cls.kind, "m.onnx", "onnx", None, {**data, "method": cls.method_name})
+    method, config, _ = resolve_method(spec)
+    assert method.config_cls is cls and isinstance(config, cls)
+    return config
+
+
+def test_every_method_has_one_config_and_one_handler():
+    """Adding a method is one config class (app/methods) and one handler registered for it: neither alone."""
+    handlers = {(m.kind, m.name): m.config_cls for m in all_methods()}
+    assert handlers == registered_configs()
 
 
 def test_defaults_fill_missing_keys():
-    config = StaticInt8Config.from_dict({})
-    assert config.to_dict() == {
+    config = parse(StaticInt8Config, {})
+    assert config.model_dump(mode="json") == {
+        "method": "static_int8",
         "benchmark": {"batch_sizes": [1, 64], "repeats": 50, "warmup": 5},
         "max_accuracy_drop": 0.01,
         "output_format": None,
@@ -24,7 +46,7 @@ def test_defaults_fill_missing_keys():
 
 
 def test_overrides_are_applied_and_nested_defaults_kept():
-    config = StaticInt8Config.from_dict(
+    config = parse(StaticInt8Config, 
         {
             "per_channel": False,
             "calibration": {"method": "entropy"},
@@ -34,12 +56,16 @@ def test_overrides_are_applied_and_nested_defaults_kept():
     )
     assert config.per_channel is False
     assert config.calibration.method == "entropy" and config.calibration.samples == 512
-    assert config.benchmark.repeats == 7 and config.benchmark.batch_sizes == (1, 64)
+    assert config.benchmark.repeats == 7 and config.benchmark.batch_sizes == [1, 64]
     assert config.max_accuracy_drop == 0.0 and isinstance(config.max_accuracy_drop, float)
 
 
-def test_unknown_keys_are_ignored():
-    assert DynamicInt8Config.from_dict({"calibration": {"samples": 3}, "extra": 1}) == DynamicInt8Config()
+def test_unknown_keys_are_refused_and_shared_keys_accepted():
+    """The engine reads the API's schema: a key the API would refuse is refused here too, naming it."""
+    assert parse(DynamicInt8Config, {"calibration": {"samples": 3}}).calibration.samples == 3
+    with pytest.raises(EngineError, match="extra") as excinfo:
+        parse(DynamicInt8Config, {"extra": 1})
+    assert excinfo.value.code == "unsupported"
 
 
 @pytest.mark.parametrize(
@@ -59,7 +85,7 @@ def test_unknown_keys_are_ignored():
 )
 def test_bad_values_are_unsupported(data):
     with pytest.raises(EngineError) as excinfo:
-        StaticInt8Config.from_dict(data)
+        parse(StaticInt8Config, data)
     assert excinfo.value.code == "unsupported"
 
 
@@ -88,11 +114,11 @@ def test_output_format_rule(method, model_format, requested, expected):
 
 
 def test_optional_keys_take_null():
-    config = ChannelsConfig.from_dict({"fine_tune": None, "output_format": None})
+    config = parse(ChannelsConfig, {"fine_tune": None, "output_format": None})
     assert config.fine_tune is None and config.output_format is None
-    config = ChannelsConfig.from_dict({"fine_tune": {"epochs": 3}, "output_format": "torchscript"})
+    config = parse(ChannelsConfig, {"fine_tune": {"epochs": 3}, "output_format": "torchscript"})
     assert config.fine_tune == FineTuneConfig(epochs=3, lr=0.001, distill=True)
-    assert config.to_dict()["fine_tune"] == {"epochs": 3, "lr": 0.001, "distill": True}
+    assert config.model_dump()["fine_tune"] == {"epochs": 3, "lr": 0.001, "distill": True}
 
 
 @pytest.mark.parametrize(
@@ -113,18 +139,20 @@ def test_optional_keys_take_null():
 )
 def test_bad_prune_values_are_unsupported(cls, data):
     with pytest.raises(EngineError) as excinfo:
-        cls.from_dict(data)
+        parse(cls, data)
     assert excinfo.value.code == "unsupported"
 
 
 def test_engine_is_a_plain_library():
-    """Importing the engine pulls in no web, queue or database code (it runs in a bare child process)."""
+    """Importing the engine pulls in no web, queue or database code (it runs in a bare child process); of the
+    service's package it reads only the method configs (app/methods), which are plain pydantic."""
     import subprocess
     import sys
 
     code = (
         "import sys, worker.engine\n"
-        "bad = sorted(m for m in ('fastapi', 'sqlalchemy', 'celery', 'app') if m in sys.modules)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'sqlalchemy', 'celery', 'redis')\n"
+        "             or m.startswith('app.') and m not in ('app.core', 'app.core.ids') and not m.startswith('app.methods'))\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[3])

@@ -14,8 +14,10 @@ import pytest
 from worker.engine import EngineError, JobSpec, RunContext, run_job
 from worker.engine import distill as _distill  # noqa: F401  (registers the distill method)
 from worker.engine.builtin import load_builtin_arrays
+from app.methods import DistillConfig
+from worker.engine.api import parse_method_config
+from worker.engine.registry import find_method
 from worker.engine.distill import (
-    DistillConfig,
     TrainData,
     TrainSettings,
     build_cnn,
@@ -33,6 +35,11 @@ CPU = ["CPUExecutionProvider"]
 #: Settings under which a 2,410-parameter MLP learns digits in a few epochs (min_steps 0: exactly `epochs`).
 QUICK = {"epochs": 5, "lr": 0.01, "batch_size": 32, "min_steps": 0, "benchmark": FAST_BENCHMARK}
 SMALL_MLP = {"arch": "mlp", "hidden": [32]}
+
+
+def parse(config: dict) -> DistillConfig:
+    """The engine's reading of a distill config (EngineError("unsupported") when it is bad)."""
+    return parse_method_config(find_method("distill", None), config)
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +248,7 @@ def test_min_steps_in_a_job_is_reported(jobs, teacher):
 
 
 def test_default_min_steps_trains_the_guide_example_long_enough():
-    config = DistillConfig.from_dict({"student": {"arch": "cnn", "channels": [8, 16]}})
+    config = parse({"student": {"arch": "cnn", "channels": [8, 16]}})
     assert config.min_steps == 1000 and config.epochs == 10
     # 10 epochs of the 1,437-row example at batch 128 are 120 steps: the default raises that to 1,008
     from worker.engine.distill import _steps_per_epoch, planned_epochs
@@ -351,26 +358,24 @@ def test_cancellation_stops_training(jobs, teacher):
 )
 def test_bad_configs_are_unsupported(config):
     with pytest.raises(EngineError) as excinfo:
-        DistillConfig.from_dict(config)
+        parse(config)
     assert excinfo.value.code == "unsupported"
 
 
 def test_config_defaults_and_nullable_sections():
-    config = DistillConfig.from_dict({"student": {"arch": "cnn"}, "early_stopping": None, "feature_loss": None,
-                                      "output_format": None})
-    d = config.to_dict()
+    config = parse({"student": {"arch": "cnn"}, "early_stopping": None, "feature_loss": None, "output_format": None})
+    d = config.model_dump(mode="json")
     assert d["student"] == {"arch": "cnn", "channels": [16, 32], "hidden": [64]}
     assert {k: d[k] for k in ("temperature", "alpha", "epochs", "batch_size", "lr", "optimizer", "lr_schedule",
                               "seed", "early_stopping", "compare_baseline", "feature_loss")} == {
         "temperature": 4.0, "alpha": 0.7, "epochs": 10, "batch_size": 128, "lr": 0.003, "optimizer": "adam",
         "lr_schedule": "cosine", "seed": 0, "early_stopping": None, "compare_baseline": False, "feature_loss": None}
     assert d["min_steps"] == 1000 and d["train_samples"] == 0
-    assert DistillConfig.from_dict({"student": {"arch": "mlp"}}).student.hidden == (256, 128)
-    full = DistillConfig.from_dict({"student": {"shrink": 0.5}, "early_stopping": {},
-                                    "feature_loss": {"teacher_layer": None}})
+    assert parse({"student": {"arch": "mlp"}}).student.hidden == [256, 128]
+    full = parse({"student": {"shrink": 0.5}, "early_stopping": {}, "feature_loss": {"teacher_layer": None}})
     assert full.early_stopping.patience == 3 and full.feature_loss.beta == 0.5
-    assert full.feature_loss.teacher_layer is None and full.to_dict()["student"] == {"shrink": 0.5}
-    json.dumps(full.to_dict())
+    assert full.feature_loss.teacher_layer is None and full.model_dump()["student"] == {"shrink": 0.5}
+    json.dumps(full.model_dump(mode="json"))
 
 
 def test_kd_loss_is_zero_when_the_student_matches_and_scales_with_t_squared():
@@ -487,9 +492,9 @@ def test_a_torchscript_teacher_gives_a_torchscript_student(jobs, example):
     ],
 )
 def test_the_api_contract_reads_the_same_in_the_engine(config):
-    """Every config the API accepts means the same to the engine: same keys, same defaults."""
-    from app.jobs.schemas import DistillConfig as ApiDistillConfig
+    """What the API stores (its config with the defaults filled in) reads back to the same config in the engine."""
+    from app.jobs.schemas import JOB_CREATE_MODELS
 
-    api = ApiDistillConfig.model_validate(config).model_dump(mode="json")
-    engine = DistillConfig.from_dict(api).to_dict()
-    assert {key: engine[key] for key in api} == api
+    body = JOB_CREATE_MODELS["distill"].model_validate({"kind": "distill", "model_id": "b" * 32, "config": config})
+    stored = body.config.model_dump(mode="json")
+    assert parse(stored) == body.config and parse(stored).model_dump(mode="json") == stored
