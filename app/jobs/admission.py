@@ -22,7 +22,7 @@ the runtime session that runs it):
     estimate = weights x 2 + student + dataset arrays
     student  = parameters x TRAIN_BYTES_PER_PARAM[optimizer] + batch x activations per row x 4
 
-The parameters of an mlp or cnn student come from its config, built as worker/engine/distill.py builds it (the
+The parameters of an mlp or cnn student come from its config, built as worker/engine/students.py builds it (the
 input's row shape from the dataset or the model's declared input, the classes from the model's output or the
 labels; unknown sizes count as 1, so the estimate stays a floor); another uploaded model's from its inspection.
 Per parameter, training holds fp32 weights and gradients plus the optimizer's state (adam, adamw: two moments;

@@ -228,8 +228,8 @@ def test_distill_with_a_student_too_big_for_memory_is_refused_with_its_size(api)
     from app.core.tables import ModelRow
     from app.jobs.admission import student_need
     from app.methods import DistillConfig
-    from worker.engine.distill import build_cnn, build_mlp
-    from worker.engine.torch_io import count_trainable_params
+    from worker.engine.students import build_cnn, build_mlp
+    from worker.engine.torch_io import count_weights
 
     client = api
     model = upload_model(client, mlp_onnx_bytes(hidden=32)).json()  # (N, 64) -> (N, 10)
@@ -267,7 +267,7 @@ def test_distill_with_a_student_too_big_for_memory_is_refused_with_its_size(api)
         ({"arch": "cnn", "channels": [4] * 6, "hidden": []}, "mnist", build_cnn((1, 28, 28), (4,) * 6, (), 10)),
     ]:
         need = student_need(DistillConfig(student=student), teacher, None, builtin)
-        assert need["params"] == count_trainable_params(built), student
+        assert need["params"] == count_weights(built), student
 
 
 # --------------------------------------------------------------------------- 11: external data anywhere

@@ -38,7 +38,7 @@ class OnnxModel:
 
     @property
     def params(self) -> int:
-        return count_params(self.proto)
+        return count_weights(self.proto)
 
     @property
     def quant_params(self) -> int:
@@ -81,10 +81,11 @@ def load_onnx_model(path: Path, error_code: str = "invalid_model") -> OnnxModel:
     return OnnxModel(Path(path), raw, proto, inputs, outputs)
 
 
-def count_params(proto: onnx.ModelProto) -> int:
+def count_weights(proto: onnx.ModelProto) -> int:
     """Weight and bias elements: the main graph's initializers (dense and sparse), less the scales and zero points
     of quantization (`count_quant_params`) and int64 initializers (shapes, axes and indices, never weights). A
-    quantized model thus counts the tensors of the model it was made from: its int8 weights and int32 biases."""
+    quantized model thus counts the tensors of the model it was made from: its int8 weights and int32 biases.
+    torch_io.count_weights counts a torch module the same way; a report's `params` is this count."""
     return param_counts(proto)[0]
 
 

@@ -9,25 +9,25 @@
 - channels: structured, with torch-pruning: MagnitudeImportance (L2) groups coupled layers through its dependency
   graph, removes `ratio` of each group's channels (kept counts rounded to `round_to`), and leaves the layer that
   produces the output alone so the output shape is unchanged. The model really shrinks: fewer params and MACs.
-- fine_tune: Adam over the training split in batches of 128, seeded; with `distill` the unpruned model is a teacher
-  (KL(T=4) * T^2, plus cross-entropy when there are labels), else cross-entropy on the labels.
+- fine_tune: train.train_student (the loop distillation trains its students with) over the training split: Adam at
+  a constant lr, batches of 128, seed 0. With `distill` the unpruned model is a teacher: 0.5 * KL(T=4) * T^2 + 0.5 *
+  cross-entropy when there are labels (the same Adam steps as the unweighted sum: Adam does not see a constant factor
+  of the loss), the KL term alone when not; else cross-entropy on the labels. Magnitude pruning re-applies its masks
+  after every step, so pruned weights stay zero.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
@@ -37,13 +37,14 @@ from .core import EngineError, first_line, RunContext, checkpoint, raise_if_canc
 from .data import Feeds
 from .onnx_io import OnnxModel
 from .registry import Artifact, PreparedJob, register
-from .torch_io import count_macs, count_trainable_params, export_onnx, export_torchscript, to_tensors, torch_device
+from .torch_io import count_macs, count_weights, export_onnx, export_torchscript, to_tensors, torch_device
+from .train import TrainData, TrainSettings, train_student
 
 FINE_TUNE_BATCH = 128
 FINE_TUNE_SEED = 0
 DISTILL_TEMPERATURE = 4.0
-#: Cancellation is also checked every this many batches within an epoch.
-CANCEL_CHECK_BATCHES = 50
+#: Weight of the KD term against cross-entropy when fine_tune distills with labels: equal weights.
+DISTILL_ALPHA = 0.5
 #: Rows per call when the teacher labels the training split or a model is evaluated.
 TEACHER_BATCH = 512
 
@@ -185,7 +186,7 @@ def prune_channels(module: nn.Module, example_feeds: dict[str, np.ndarray], rati
         shapes_before = [tuple(o.shape) for o in _outputs(module(*args))]
     widths_before = _widths(module)
     ignored = _output_layers(module, args)
-    params_before = count_trainable_params(module)
+    params_before = count_weights(module)
     macs_before = count_macs(module, example_feeds)
     try:
         with warnings.catch_warnings():
@@ -204,7 +205,7 @@ def prune_channels(module: nn.Module, example_feeds: dict[str, np.ndarray], rati
     if shapes_after != shapes_before:
         raise EngineError("unsupported", f"channel pruning changed the output shapes {shapes_before} -> {shapes_after}")
     widths_after = _widths(module)
-    params_after = count_trainable_params(module)
+    params_after = count_weights(module)
     macs_after = count_macs(module, example_feeds)
     return {
         "ratio": ratio,
@@ -257,10 +258,11 @@ def _outputs(out: Any) -> list[torch.Tensor]:
 
 def fine_tune(
     module: nn.Module, job: PreparedJob, config: FineTuneConfig, ctx: RunContext,
-    after_step: Callable[[], None] = lambda: None,
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Train `module` in place on the job's training split (see the module docstring); `after_step` runs after each
-    optimizer step (e.g. to keep pruned weights at zero). Returns the epochs run and the mean loss per epoch."""
+    """Train `module` in place on the job's training split with train.train_student (see the module docstring);
+    `after_step` runs after each optimizer step (e.g. to keep pruned weights at zero). Returns the settings, the
+    mean loss per epoch and, with labelled evaluation rows, the accuracy before and after."""
     if job.dataset is None:
         raise EngineError("invalid_dataset", "fine_tune needs a dataset")
     train = job.dataset.train
@@ -268,63 +270,34 @@ def fine_tune(
         raise EngineError("invalid_dataset", "fine_tune without distill needs labels (y) in the dataset")
     device = torch_device(job.device)
     names = [spec.name for spec in job.inputs]
-    inputs = to_tensors(train.x, names, device)
-    labels = torch.from_numpy(train.y).to(device) if train.y is not None else None
     module.to(device)
-    teacher_logits = _teacher_logits(job, inputs, device, ctx) if config.distill else None
+    with torch.no_grad():  # a classifier: (rows, classes) first output
+        _classifier_logits(module.eval()(*to_tensors(job.example_feeds(), names, device)))
+    teacher_logits = _teacher_logits(job, device, ctx) if config.distill else None
     accuracy_before = _evaluation_accuracy(module, job, device)
-    n = len(train)
-
-    torch.manual_seed(FINE_TUNE_SEED)
-    generator = torch.Generator().manual_seed(FINE_TUNE_SEED)
-    optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
-    starts = list(range(0, n, FINE_TUNE_BATCH))
-    if len(starts) > 1 and n - starts[-1] == 1:
-        starts.pop()  # a last batch of one row joins the previous one (BatchNorm cannot train on one row)
-    losses: list[float] = []
-    started = time.perf_counter()
-    module.train()
-    for epoch in range(config.epochs):
-        checkpoint(ctx, epoch / config.epochs, f"fine-tuning: epoch {epoch + 1}/{config.epochs}")
-        order = torch.randperm(n, generator=generator).to(device)
-        total = 0.0
-        for step, start in enumerate(starts):
-            if step and step % CANCEL_CHECK_BATCHES == 0:
-                raise_if_cancelled(ctx, "fine-tuning")
-            end = starts[step + 1] if step + 1 < len(starts) else n
-            idx = order[start:end]
-            logits = _classifier_logits(module(*[x[idx] for x in inputs]))
-            loss = logits.new_zeros(())
-            if teacher_logits is not None:
-                t = DISTILL_TEMPERATURE
-                loss = F.kl_div(F.log_softmax(logits / t, dim=1), F.softmax(teacher_logits[idx] / t, dim=1),
-                                reduction="batchmean") * t * t
-            if labels is not None:
-                loss = loss + F.cross_entropy(logits, labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            after_step()
-            total += float(loss.detach()) * len(idx)
-        if not np.isfinite(total):
-            raise EngineError("unsupported", f"fine-tuning diverged (the loss is not finite) in epoch {epoch + 1}: "
-                                             "lower fine_tune.lr")
-        losses.append(round(total / n, 6))
-    module.eval()
+    settings = TrainSettings(
+        epochs=config.epochs, batch_size=FINE_TUNE_BATCH, lr=config.lr, optimizer="adam", lr_schedule="constant",
+        seed=FINE_TUNE_SEED, temperature=DISTILL_TEMPERATURE, alpha=DISTILL_ALPHA, labels_only=not config.distill,
+        max_curve_points=None,
+    )
+    data = TrainData([train.x[name] for name in names], train.y, teacher_logits)
+    torch.manual_seed(FINE_TUNE_SEED)  # the global generator: dropout, if the model has any
+    report = train_student(module, data, settings, ctx, device=device.type, stage="fine-tuning",
+                           after_step=after_step)
     ctx.progress(1.0, "fine-tuned")
     facts: dict[str, Any] = {
         "epochs": config.epochs,
         "lr": config.lr,
-        "batch_size": FINE_TUNE_BATCH,
-        "seed": FINE_TUNE_SEED,
-        "optimizer": "adam",
+        "batch_size": settings.batch_size,
+        "seed": settings.seed,
+        "optimizer": settings.optimizer,
         "distill": config.distill,
-        "temperature": DISTILL_TEMPERATURE if config.distill else None,
-        "labels_used": labels is not None,
-        "train_rows": n,
-        "loss_per_epoch": losses,
+        "temperature": settings.temperature if config.distill else None,
+        "labels_used": data.labels is not None,
+        "train_rows": len(data),
+        "loss_per_epoch": [point["train_loss"] for point in report.curve],
         "device": device.type,
-        "seconds": round(time.perf_counter() - started, 3),
+        "seconds": report.seconds,
     }
     if accuracy_before is not None:
         facts["accuracy"] = {"before": accuracy_before, "after": _evaluation_accuracy(module, job, device),
@@ -347,16 +320,19 @@ def _evaluation_accuracy(module: nn.Module, job: PreparedJob, device: torch.devi
     return round(float((torch.cat(predictions).numpy() == labels).mean()), 6)
 
 
-def _teacher_logits(job: PreparedJob, inputs: tuple[torch.Tensor, ...], device: torch.device,
-                    ctx: RunContext) -> torch.Tensor:
+def _teacher_logits(job: PreparedJob, device: torch.device, ctx: RunContext) -> np.ndarray:
     """The unpruned model's logits over the training split, computed once."""
+    assert job.dataset is not None
     teacher = job.trainable().to(device).eval()
+    names = [spec.name for spec in job.inputs]
+    x = job.dataset.train.x
     parts = []
     with torch.no_grad():
-        for start in range(0, len(inputs[0]), TEACHER_BATCH):
+        for start in range(0, len(job.dataset.train), TEACHER_BATCH):
             raise_if_cancelled(ctx, "running the teacher")
-            parts.append(_classifier_logits(teacher(*[x[start : start + TEACHER_BATCH] for x in inputs])))
-    return torch.cat(parts)
+            batch = {name: x[name][start : start + TEACHER_BATCH] for name in names}
+            parts.append(_classifier_logits(teacher(*to_tensors(batch, names, device))).cpu())
+    return torch.cat(parts).numpy()
 
 
 def _classifier_logits(out: Any) -> torch.Tensor:

@@ -17,17 +17,9 @@ from worker.engine.builtin import load_builtin_arrays
 from app.methods import DistillConfig
 from worker.engine.api import parse_method_config
 from worker.engine.registry import find_method
-from worker.engine.distill import (
-    TrainData,
-    TrainSettings,
-    build_cnn,
-    build_mlp,
-    evaluate,
-    kd_loss,
-    train_student,
-)
-
-from worker.engine.torch_io import count_trainable_params
+from worker.engine.students import build_cnn, build_mlp
+from worker.engine.torch_io import count_weights
+from worker.engine.train import TrainData, TrainSettings, evaluate, kd_loss, train_student
 
 from .conftest import FAST_BENCHMARK
 
@@ -69,7 +61,7 @@ def teacher(digits, tmp_path_factory) -> dict:
     np.savez(out / "digits.npz", x=x_train, y=digits.y_train, x_test=x_test, y_test=digits.y_test)
     np.savez(out / "unlabelled.npz", x=x_train, x_test=x_test)
     return {"onnx": path, "npz": out / "digits.npz", "unlabelled": out / "unlabelled.npz", "accuracy": accuracy,
-            "params": count_trainable_params(model), "x_test": x_test}
+            "params": count_weights(model), "x_test": x_test}
 
 
 class Jobs:
@@ -222,7 +214,7 @@ def test_min_steps_adds_epochs_to_a_short_run(digits):
 def test_a_long_run_over_a_tiny_set_keeps_a_short_curve(digits):
     import torch
 
-    from worker.engine.distill import MAX_CURVE_POINTS
+    from worker.engine.train import MAX_CURVE_POINTS
 
     x = digits.x_train.reshape(-1, 64)[:20]
     train = TrainData([x], digits.y_train[:20])
@@ -251,7 +243,7 @@ def test_default_min_steps_trains_the_guide_example_long_enough():
     config = parse({"student": {"arch": "cnn", "channels": [8, 16]}})
     assert config.min_steps == 1000 and config.epochs == 10
     # 10 epochs of the 1,437-row example at batch 128 are 120 steps: the default raises that to 1,008
-    from worker.engine.distill import _steps_per_epoch, planned_epochs
+    from worker.engine.train import _steps_per_epoch, planned_epochs
 
     steps = _steps_per_epoch(1437, config.batch_size)
     assert steps == 12 and planned_epochs(config.epochs, steps, config.min_steps) * steps == 1008
@@ -396,7 +388,7 @@ def test_student_builders_shapes():
     assert cnn(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
     tiny = build_cnn((1, 3, 3), (4, 4, 4), (), 5)  # stops pooling at 1x1
     assert tiny(torch.zeros(2, 1, 3, 3)).shape == (2, 5)
-    assert count_trainable_params(build_mlp(64, (32,), 10)) == 64 * 32 + 32 + 32 * 10 + 10
+    assert count_weights(build_mlp(64, (32,), 10)) == 64 * 32 + 32 + 32 * 10 + 10
 
 
 def test_a_builtin_transfer_set_is_shaped_for_a_flat_teacher(jobs, teacher):

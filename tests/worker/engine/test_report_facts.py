@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from worker.engine.core import RunContext, monotonic_context, scoped_context
-from worker.engine.onnx_io import count_params, count_quant_params, param_counts
+from worker.engine.onnx_io import count_quant_params, count_weights, param_counts
 from worker.engine.versions import ENGINE_PACKAGES, engine_versions, installed_version
 
 from .conftest import FAST_BENCHMARK
@@ -78,7 +78,7 @@ def test_param_counts_split_a_qdq_graph():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
     assert param_counts(model) == (12, 3 + 3 + 1 + 1)
-    assert count_params(model) == 12 and count_quant_params(model) == 8
+    assert count_weights(model) == 12 and count_quant_params(model) == 8
 
 
 def test_versions_are_the_installed_distributions(quantized):

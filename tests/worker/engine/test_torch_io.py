@@ -1,5 +1,5 @@
-"""torch_io: ONNX -> trainable torch.fx module (equal to onnxruntime, trainable, prunable), TorchScript loading,
-export and running."""
+"""onnx_to_fx and torch_io: ONNX -> trainable torch.fx module (equal to onnxruntime, trainable, prunable),
+TorchScript loading, export and running, MAC and weight counts."""
 
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ from torch import nn
 
 from worker.engine import EngineError
 from worker.engine.data import TensorSpec
+from worker.engine.onnx_to_fx import onnx_to_torch
 from worker.engine.torch_io import (
     TorchRunner,
     count_macs,
-    count_params,
+    count_weights,
     export_onnx,
     export_torchscript,
     load_torchscript,
     load_torchscript_model,
-    onnx_to_torch,
     torchscript_to_torch,
 )
 
@@ -319,7 +319,7 @@ def test_count_macs_and_params(example):
     analytic = 64 * 9 * w + 64 * 9 * w * 2 * w + 2 * w * 16 * 64 + 64 * 10  # conv1, conv2, fc1, fc2 per row
     macs = count_macs(module, {"input": x})
     assert analytic <= macs <= 1.01 * analytic  # the counter adds the bias adds
-    assert count_params(module) == example["params"]
+    assert count_weights(module) == example["params"]
 
 
 def test_export_onnx_falls_back_to_the_dynamo_exporter(example, tmp_path, monkeypatch):
