@@ -1,18 +1,21 @@
-"""run_job: resolve the method, load and check the inputs, run the method, verify and measure its artifact."""
+"""The engine's public functions: load a model, compress it (quantize, prune, distill), measure the result against
+it, save it; `run_job` composes them for the service's worker. docs/engine.md shows them in use."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import zipfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
 
-from app.methods import MethodConfig
+from app.methods import BenchmarkConfig, MethodConfig
+from app.methods.datasets import builtin_name, dataset_ref
 
 from . import distill as _distill  # noqa: F401  (registers the distill method)
 from . import prune as _prune  # noqa: F401  (registers the prune methods)
@@ -51,77 +54,176 @@ VERIFY_ROWS = 4
 SCRATCH_DIR = ".engine-scratch"
 
 
-def run_job(spec: JobSpec, ctx: RunContext) -> JobResult:
-    """Run one compression job. Raises EngineError (terminal) for a bad model, dataset or config, an unsupported
-    method or format, cancellation, or an artifact that does not run; any other exception is a bug or transient."""
-    ctx = monotonic_context(ctx)
-    method, config, output_format = resolve_method(spec)
-    work_dir = Path(ctx.work_dir)
+@dataclass(frozen=True)
+class Model:
+    """A model loaded for compression: the file in its format, with the dataset it is calibrated, trained and
+    measured on (None: measured on seeded random rows; a TorchScript model needs one, for its input shapes)."""
+
+    loaded: OnnxModel | TorchScriptModel
+    format: str  # "onnx" | "torchscript"
+    dataset: Dataset | None = None
+    builtin_dataset: str | None = None  # "digits" when the dataset is builtin:digits
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self.loaded.inputs
+
+
+def load_model(path: str | Path, format: str | None = None, dataset: str | Path | None = None, *,
+               ctx: RunContext | None = None) -> Model:
+    """Load a model file (`format` "onnx" or "torchscript"; None: told from the file) and its dataset: an .npz path
+    or "builtin:mnist" / "builtin:fashion-mnist" / "builtin:digits". The file is checked as an upload is (a
+    TorchScript file with file or process operators is refused), but a TorchScript model is a program: load an
+    untrusted one only in a sandbox, as the service does. EngineError("invalid_model" | "invalid_dataset" |
+    "dataset_unavailable" | "unsupported") says what is wrong."""
+    ctx = ctx or RunContext(device="cpu", work_dir=Path("."))
+    path = Path(path)
+    format = format or _detect_format(path)
+    if format not in MODEL_FORMATS:
+        raise EngineError("unsupported", f"model format {format!r} is not supported (known: {', '.join(MODEL_FORMATS)})")
+    builtin = builtin_name(dataset) if isinstance(dataset, str) else None
+    dataset_path = Path(dataset) if dataset is not None and builtin is None else None
     checkpoint(ctx, 0.0, "loading model")
-    scratch = work_dir / SCRATCH_DIR
-    scratch.mkdir(parents=True, exist_ok=True)
+    loaded, data = _load_inputs(path, format, dataset_path, builtin, ctx)
+    return Model(loaded, format, data, builtin)
+
+
+def _detect_format(path: Path) -> str:
+    """A TorchScript file is a zip archive; anything else is read as ONNX."""
+    return "torchscript" if zipfile.is_zipfile(path) else "onnx"
+
+
+def compress(model: Model, config: MethodConfig, *, device: str = "cpu", work_dir: str | Path | None = None,
+             ctx: RunContext | None = None, student: Path | None = None, student_format: str | None = None
+             ) -> Artifact:
+    """Run the method `config` configures (any kind) on `model`; the artifact is written under `work_dir` (a new
+    temporary folder when None). `student`: the student model file of a distill config with a model_id student."""
+    method = find_method(config.kind, config.method_name)
+    if model.format not in method.input_formats:
+        raise EngineError("unsupported", f"{method.kind} method {method.name!r} does not accept {model.format} "
+                                         f"models (it accepts: {', '.join(method.input_formats)})")
     try:
-        return _run(spec, ctx, method, config, output_format, work_dir, scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        output_format = config.resolve_output_format(model.format)
+    except ValueError as exc:
+        raise EngineError("unsupported", str(exc)) from None
+    work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="distillery-"))
+    ctx = replace(ctx, device=device, work_dir=work) if ctx is not None else RunContext(device=device, work_dir=work)
+    scratch = work / SCRATCH_DIR
+    scratch.mkdir(parents=True, exist_ok=True)
+    job = _prepare(model, config, output_format, ctx, scratch, student, student_format)
+    artifact = method.handler(job, config, scoped_context(ctx, 0.0909, 1.0))
+    return replace(artifact, job=job)
 
 
-def _run(
-    spec: JobSpec, ctx: RunContext, method: Method, config: MethodConfig, output_format: str, work_dir: Path,
-    scratch: Path,
-) -> JobResult:
-    model, dataset = _load_inputs(spec, ctx)
-    evaluation = _evaluation(model.inputs, dataset, config)
-    fixed_batch = fixed_batch_size(model.inputs)
+def quantize(model: Model, config: MethodConfig, **options: Any) -> Artifact:
+    """Quantize `model` with a quantize config (app.methods: DynamicInt8Config(), StaticInt8Config(calibration=...),
+    Fp16Config(), Bf16Config(), AutoConfig()); options as `compress`."""
+    return compress(model, _of_kind(config, "quantize"), **options)
 
-    checkpoint(ctx, 0.06, "running the original model")
-    baseline: Runner = OnnxRunner(model, ctx.device) if isinstance(model, OnnxModel) else TorchRunner(model, ctx.device)
-    sample = batch_of(evaluation.feeds, fixed_batch or min(VERIFY_ROWS, len(evaluation)))
-    reference = _probe_baseline(baseline, sample, dataset is not None)
-    if isinstance(model, TorchScriptModel):
-        model = replace(model, outputs=output_specs(reference))
-        if reference and reference[0].ndim == 2:  # its output count is known only now that it has run
-            check_labels_fit(dataset, int(reference[0].shape[1]))
-    job = PreparedJob(
-        model=model, model_format=spec.model_format, dataset=dataset, evaluation=evaluation,
-        output_format=output_format, device=ctx.device, work_dir=work_dir, scratch_dir=scratch,
-        builtin_dataset=spec.builtin_dataset, student_model_path=spec.student_model_path,
-        student_model_format=spec.student_model_format, runners={spec.model_format: baseline},
-    )
 
-    artifact = method.handler(job, config, scoped_context(ctx, 0.1, 0.5))
+def prune(model: Model, config: MethodConfig, **options: Any) -> Artifact:
+    """Prune `model` with a prune config (app.methods: MagnitudeConfig(sparsity=...), ChannelsConfig(ratio=...))."""
+    return compress(model, _of_kind(config, "prune"), **options)
 
-    checkpoint(ctx, 0.5, "verifying the artifact")
-    result = verify_artifact(artifact.path, artifact.format, work_dir, ctx.device, sample, reference, model.inputs)
+
+def distill(teacher: Model, config: MethodConfig, **options: Any) -> Artifact:
+    """Distill a student from `teacher` on its dataset (app.methods.DistillConfig(student=...))."""
+    return compress(teacher, _of_kind(config, "distill"), **options)
+
+
+def _of_kind(config: MethodConfig, kind: str) -> MethodConfig:
+    if not isinstance(config, MethodConfig) or config.kind != kind:
+        raise TypeError(f"expected a {kind} config from app.methods, got {type(config).__name__}")
+    return config
+
+
+def measure(model: Model, artifact: Artifact, *, benchmark: BenchmarkConfig | None = None,
+            max_accuracy_drop: float = 0.01, ctx: RunContext | None = None) -> dict[str, Any]:
+    """Verify `artifact` (loaded back from disk and run on sample rows) and measure it against `model`, side by side
+    in one run: accuracy (or fidelity without labels), latency at each batch size (each model also in the other's
+    runtime when the formats differ), size, parameters and multiply-accumulates. Returns the report's
+    baseline / result / ratios / accuracy sections."""
+    job = artifact.job
+    if job is None or job.model_format != model.format:
+        raise ValueError("measure() takes an artifact that compress/quantize/prune/distill made from `model`")
+    ctx = replace(ctx, device=job.device, work_dir=job.work_dir) if ctx is not None else RunContext(
+        device=job.device, work_dir=job.work_dir)
+    checkpoint(ctx, 0.0, "verifying the artifact")
+    sample = batch_of(job.evaluation.feeds, fixed_batch_size(job.inputs) or min(VERIFY_ROWS, len(job.evaluation)))
+    result = verify_artifact(artifact.path, artifact.format, job.work_dir, job.device, sample,
+                             job.runner(job.model_format).run(sample), job.inputs)
     same_runtime = None
-    if artifact.format != spec.model_format:
-        checkpoint(ctx, 0.52, f"converting the original model to {artifact.format} for a like-with-like comparison")
+    if artifact.format != job.model_format:
+        checkpoint(ctx, 0.04, f"converting the original model to {artifact.format} for a like-with-like comparison")
         same_runtime = job.runner(artifact.format)
-
-    checkpoint(ctx, 0.55, "measuring baseline and result")
-    metrics = compare_models(
-        baseline,
-        result,
-        evaluation,
-        config.benchmark,
-        fixed_batch,
-        config.max_accuracy_drop,
-        scoped_context(ctx, 0.55, 0.95),
-        same_runtime=same_runtime,
-    )
-    checkpoint(ctx, 0.95, "counting multiply-accumulates")
+    checkpoint(ctx, 0.1, "measuring baseline and result")
+    metrics = compare_models(job.runner(job.model_format), result, job.evaluation, benchmark or BenchmarkConfig(),
+                             fixed_batch_size(job.inputs), max_accuracy_drop, scoped_context(ctx, 0.1, 0.9),
+                             same_runtime=same_runtime)
+    checkpoint(ctx, 0.9, "counting multiply-accumulates")
     _add_macs(metrics, job, result)
-    metrics = _finish_metrics(metrics, spec, method, config, artifact, model, baseline, ctx.device)
+    return metrics
+
+
+def save(artifact: Artifact, path: str | Path) -> Path:
+    """Copy the artifact's file to `path` (a file, or a folder to put it in under its own name)."""
+    target = Path(path)
+    if target.is_dir():
+        target = target / artifact.path.name
+    shutil.copyfile(artifact.path, target)
+    return target
+
+
+def run_job(spec: JobSpec, ctx: RunContext) -> JobResult:
+    """Run one compression job: load, compress, verify and measure, as the functions above. Raises EngineError
+    (terminal) for a bad model, dataset or config, an unsupported method or format, cancellation, or an artifact
+    that does not run; any other exception is a bug or transient."""
+    ctx = monotonic_context(ctx)
+    method, config, _ = resolve_method(spec)
+    work_dir = Path(ctx.work_dir)
+    try:
+        dataset = dataset_ref(str(spec.dataset_path) if spec.dataset_path else None, spec.builtin_dataset)
+        model = load_model(spec.model_path, spec.model_format, dataset, ctx=scoped_context(ctx, 0.0, 0.06))
+        artifact = compress(model, config, device=ctx.device, work_dir=work_dir, ctx=scoped_context(ctx, 0.06, 0.5),
+                            student=spec.student_model_path, student_format=spec.student_model_format)
+        measured = measure(model, artifact, benchmark=config.benchmark, max_accuracy_drop=config.max_accuracy_drop,
+                           ctx=scoped_context(ctx, 0.5, 1.0))
+        job = artifact.job
+        metrics = _finish_metrics(measured, spec, method, config, artifact, job.model, job.runner(spec.model_format),
+                                  ctx.device)
+    finally:
+        shutil.rmtree(work_dir / SCRATCH_DIR, ignore_errors=True)
     ctx.progress(1.0, "done")
     return JobResult(artifact_path=artifact.path, artifact_format=artifact.format, metrics=metrics)
+
+
+def _prepare(model: Model, config: MethodConfig, output_format: str, ctx: RunContext, scratch: Path,
+             student: Path | None, student_format: str | None) -> PreparedJob:
+    """Run the original model once on sample rows (a model or dataset that cannot run fails here, before any work)
+    and gather what a handler works on."""
+    loaded, dataset = model.loaded, model.dataset
+    evaluation = _evaluation(loaded.inputs, dataset, config)
+    checkpoint(ctx, 0.0, "running the original model")
+    baseline: Runner = OnnxRunner(loaded, ctx.device) if isinstance(loaded, OnnxModel) else TorchRunner(loaded,
+                                                                                                        ctx.device)
+    sample = batch_of(evaluation.feeds, fixed_batch_size(loaded.inputs) or min(VERIFY_ROWS, len(evaluation)))
+    reference = _probe_baseline(baseline, sample, dataset is not None)
+    if isinstance(loaded, TorchScriptModel):
+        loaded = replace(loaded, outputs=output_specs(reference))
+        if reference and reference[0].ndim == 2:  # its output count is known only now that it has run
+            check_labels_fit(dataset, int(reference[0].shape[1]))
+    return PreparedJob(
+        model=loaded, model_format=model.format, dataset=dataset, evaluation=evaluation, output_format=output_format,
+        device=ctx.device, work_dir=Path(ctx.work_dir), scratch_dir=scratch, builtin_dataset=model.builtin_dataset,
+        student_model_path=student, student_model_format=student_format, runners={model.format: baseline},
+    )
 
 
 def resolve_method(spec: JobSpec) -> tuple[Method, MethodConfig, str]:
     """The registered method, its config and the artifact's format for this job, or EngineError("unsupported")."""
     if not isinstance(spec.config, dict):
         raise EngineError("unsupported", "the job config must be a JSON object")
-    name = spec.config.get("method")
-    method = find_method(spec.kind, name)
+    method = find_method(spec.kind, spec.config.get("method"))
     if spec.model_format not in MODEL_FORMATS:
         raise EngineError(
             "unsupported", f"model format {spec.model_format!r} is not supported (known: {', '.join(MODEL_FORMATS)})"
@@ -188,32 +290,33 @@ def verify_artifact(
     return runner
 
 
-def _load_inputs(spec: JobSpec, ctx: RunContext) -> tuple[OnnxModel | TorchScriptModel, Dataset | None]:
+def _load_inputs(model_path: Path, model_format: str, dataset_path: Path | None, builtin: str | None,
+                 ctx: RunContext) -> tuple[OnnxModel | TorchScriptModel, Dataset | None]:
     """The upload and the job's dataset. A TorchScript model declares no input shapes: they come from the dataset."""
-    has_data = spec.dataset_path is not None or bool(spec.builtin_dataset)
-    if spec.model_format == "onnx":
-        model = load_onnx_model(spec.model_path)
-        checkpoint(ctx, 0.03, "loading dataset" if has_data else "preparing sample inputs")
-        return model, load_job_dataset(spec.dataset_path, spec.builtin_dataset, model.inputs,
+    has_data = dataset_path is not None or bool(builtin)
+    if model_format == "onnx":
+        model = load_onnx_model(model_path)
+        checkpoint(ctx, 0.5, "loading dataset" if has_data else "preparing sample inputs")
+        return model, load_job_dataset(dataset_path, builtin, model.inputs,
                                        classes=output_classes(model.outputs))
-    module = load_torchscript(spec.model_path)
+    module = load_torchscript(model_path)
     if not has_data:
         raise EngineError(
             "invalid_dataset",
             "a TorchScript model does not declare its input shapes: give a dataset (or a built-in one) so the engine "
             "knows what to feed it",
         )
-    checkpoint(ctx, 0.03, "loading dataset")
+    checkpoint(ctx, 0.5, "loading dataset")
     names = torchscript_input_names(module)
-    dtypes = _npz_input_dtypes(Path(spec.dataset_path), names) if spec.dataset_path is not None else {}
+    dtypes = _npz_input_dtypes(Path(dataset_path), names) if dataset_path is not None else {}
     loose = tuple(TensorSpec(name, None, dtypes.get(name, np.dtype("float32"))) for name in names)
-    dataset = load_job_dataset(spec.dataset_path, spec.builtin_dataset, loose)
+    dataset = load_job_dataset(dataset_path, builtin, loose)
     assert dataset is not None
     inputs = tuple(
         TensorSpec(s.name, (BATCH_DIM, *dataset.train.x[s.name].shape[1:]), dataset.train.x[s.name].dtype)
         for s in loose
     )
-    return load_torchscript_model(spec.model_path, inputs), dataset
+    return load_torchscript_model(model_path, inputs), dataset
 
 
 def _npz_input_dtypes(path: Path, names: list[str]) -> dict[str, np.dtype]:

@@ -6,8 +6,9 @@ calls `run_job` and records the `JobResult` or the `EngineError`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 #: Every code an EngineError may carry. Each one is terminal: the job fails at once, without a retry.
@@ -55,6 +56,22 @@ class JobSpec:
     builtin_dataset: str | None = None  # "mnist" | "fashion-mnist" | "digits" (instead of dataset_path)
     student_model_path: Path | None = None  # distill with {"student": {"model_id": ...}}: that model's file
     student_model_format: str | None = None
+
+    _PATHS = ("model_path", "dataset_path", "student_model_path")
+
+    def to_json(self) -> str:
+        """The spec as a JSON object (paths as strings)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return json.dumps({k: str(v) if k in self._PATHS and v is not None else v for k, v in data.items()})
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> JobSpec:
+        """The spec `to_json` wrote; ValueError when it is not one."""
+        data = json.loads(text)
+        names = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or not set(data) <= names:
+            raise ValueError(f"a job spec is a JSON object with keys among {sorted(names)}")
+        return cls(**{k: Path(v) if k in cls._PATHS and v is not None else v for k, v in data.items()})
 
 
 @dataclass

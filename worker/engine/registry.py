@@ -28,12 +28,12 @@ from .core import EngineError, RunContext
 from .data import Dataset, Feeds, batch_of, fixed_batch_size
 from .measure import Evaluation, Runner
 from .onnx_io import OnnxModel, OnnxRunner
+from .onnx_to_fx import onnx_to_torch
 from .torch_io import (
     TorchRunner,
     TorchScriptModel,
     export_torchscript,
     load_torchscript_model,
-    onnx_to_torch,
     torchscript_to_onnx,
     torchscript_to_torch,
 )
@@ -112,6 +112,8 @@ class Artifact:
     path: Path
     format: str
     facts: dict[str, Any] = field(default_factory=dict)
+    #: The job it was made in (set by `compress`): `measure` reuses its loaded baseline and runners.
+    job: PreparedJob | None = field(default=None, repr=False, compare=False)
 
 
 Handler = Callable[[PreparedJob, Any, RunContext], Artifact]
