@@ -136,7 +136,7 @@ def _freeze_startup_heap() -> None:
 
 def build_services(settings: Settings) -> Services:
     """This process's services; the poll reader only on PostgreSQL (SQLite reads jobs through the route)."""
-    reader = JobReader(settings.database_url) if settings.database_url.startswith("postgresql") else None
+    reader = JobReader(settings.database_url, wait_s=settings.database_wait_s) if settings.database_url.startswith("postgresql") else None
     return Services(settings, Database(settings), make_storage(settings), make_celery(settings),
                     KeyVerifier(settings.auth_cache_s), RateLimiter(settings.rate_limit_per_minute), reader)
 

@@ -312,22 +312,22 @@ def _ensure_model(client: Client, out: Out, path: Path, name: str | None,
                   labels: dict[str, str] | None = None) -> tuple[Any, bool]:
     """The model of this file: reused when the service already stores the same content (sha256), else uploaded."""
     m, existing = client.ensure_model(path, name, labels=labels, progress=_upload_progress(out, path, out.bar()))
-    if existing:
-        renamed = f"; stored as {m.name!r}, --name not applied" if name and name != m.name else ""
-        out.note(f"using model {m.id} (already uploaded{renamed})")
-    else:
-        out.note(f"model {m.id} uploaded ({fmt.size(m.size_bytes)})")
+    _say_stored(out, "model", m, name, existing, fmt.size(m.size_bytes))
     return m, existing
 
 
 def _ensure_dataset(client: Client, out: Out, path: Path, name: str | None = None) -> tuple[Any, bool]:
     d, existing = client.ensure_dataset(path, name, progress=_upload_progress(out, path, out.bar()))
-    if existing:
-        renamed = f"; stored as {d.name!r}, --name not applied" if name and name != d.name else ""
-        out.note(f"using dataset {d.id} (already uploaded{renamed})")
-    else:
-        out.note(f"dataset {d.id} uploaded ({fmt.count(d.n_samples)} samples, {fmt.size(d.size_bytes)})")
+    _say_stored(out, "dataset", d, name, existing, f"{fmt.count(d.n_samples)} samples, {fmt.size(d.size_bytes)}")
     return d, existing
+
+
+def _say_stored(out: Out, what: str, item: Any, name: str | None, existing: bool, sizes: str) -> None:
+    if existing:
+        renamed = f"; stored as {item.name!r}, --name not applied" if name and name != item.name else ""
+        out.note(f"using {what} {item.id} (already uploaded{renamed})")
+    else:
+        out.note(f"{what} {item.id} uploaded ({sizes})")
 
 
 def cmd_models_upload(client: Client, args, out: Out) -> int:

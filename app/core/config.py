@@ -16,6 +16,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("distillery-data"), description="Where the embedded default keeps its SQLite file, artifacts and broker folders.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file under data_dir. Production: postgresql+psycopg://...")
+    database_wait_s: float = Field(5.0, gt=0, le=60, description="PostgreSQL: how long a request waits to connect (or for a free connection) before it is a 503 database_unavailable.")
     broker_url: str | None = Field(None, description="Celery broker URL; default: kombu's filesystem transport under data_dir (no server). Production: redis://...")
     storage_dir: Path | None = Field(None, description="Folder of the content-addressed file store; default: data_dir/storage.")
     storage_url: str | None = Field(None, description="Object storage for workers on several machines: "

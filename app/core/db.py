@@ -95,8 +95,9 @@ def make_engine(settings: Settings) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=5,
-                         connect_args={"connect_timeout": 5})
+    wait = settings.database_wait_s
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=wait,
+                         connect_args={"connect_timeout": max(1, round(wait))})
 
 
 class Database:

@@ -13,9 +13,6 @@ from app.datasets.schemas import DatasetOut
 from app.datasets.validate import DatasetRejected, validate_npz
 from app.models.service import clean_name, insert_uploaded, store_received, upload_quota  # noqa: F401 (the route's)
 
-#: A built-in dataset is named by this prefix and its name (`builtin:mnist`) where an uploaded one has its id.
-BUILTIN_PREFIX = "builtin:"
-
 
 def create_from_upload(services: Services, owner: str, received: ReceivedUpload) -> tuple[DatasetOut, bool]:
     """(the dataset, created). Content this owner already holds as a dataset is not stored again: the existing
@@ -58,6 +55,3 @@ def list_page(session: Session, owner: str | None, cursor: str | None, limit: in
     return repo.list_page(session, owner, cursor, limit, sha256=sha256)
 
 
-def dataset_id_of(row_dataset_id: str | None, builtin: str | None) -> str | None:
-    """The dataset id a job shows: `builtin:<name>` for a built-in dataset, else the uploaded dataset's id."""
-    return BUILTIN_PREFIX + builtin if builtin else row_dataset_id

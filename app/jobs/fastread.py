@@ -14,7 +14,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.engine import make_url
 
-from app.datasets.service import dataset_id_of
+from app.methods.datasets import dataset_ref
 from app.webhooks.schemas import webhook_out
 
 _COLUMNS = ("id, kind, status, model_id, dataset_id, builtin_dataset, config::text AS config, device_requested, "
@@ -36,10 +36,11 @@ def _libpq_conninfo(sqlalchemy_url: str) -> str:
 
 
 class JobReader:
-    def __init__(self, sqlalchemy_url: str, max_size: int = 8):
+    def __init__(self, sqlalchemy_url: str, max_size: int = 8, wait_s: float = 5.0):
+        self.wait_s = wait_s
         self.pool = AsyncConnectionPool(_libpq_conninfo(sqlalchemy_url), min_size=1, max_size=max_size, open=False,
                                         kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row,
-                                                "connect_timeout": 5, "options": "-c TimeZone=UTC"})
+                                                "connect_timeout": max(1, round(wait_s)), "options": "-c TimeZone=UTC"})
 
     async def open(self) -> None:
         await self.pool.open(wait=False)
@@ -49,7 +50,7 @@ class JobReader:
 
     async def job_json(self, owner: str | None, job_id: str) -> bytes | None:
         """The job as JSON; owner None (an admin) reads any owner's job."""
-        async with self.pool.connection(timeout=5) as conn:
+        async with self.pool.connection(timeout=self.wait_s) as conn:
             cur = await conn.execute(_QUERY, (job_id, owner)) if owner is not None else \
                 await conn.execute(_QUERY_ANY_OWNER, (job_id,))
             row = await cur.fetchone()
@@ -58,7 +59,7 @@ class JobReader:
 
 def render(row: dict) -> bytes:
     """The JobOut JSON of a row whose config and metrics are JSON text."""
-    row["dataset_id"] = dataset_id_of(row["dataset_id"], row.pop("builtin_dataset"))
+    row["dataset_id"] = dataset_ref(row["dataset_id"], row.pop("builtin_dataset"))
     code, message = row.pop("error_code"), row.pop("error_message")
     row["error"] = {"code": code, "message": message or ""} if code else None
     row["config"] = orjson.Fragment(row["config"])

@@ -8,14 +8,14 @@ from pydantic import BaseModel, Field, create_model
 
 from app.core.ids import ID_PATTERN
 from app.methods import KINDS, StrictModel, config_union
+from app.methods.datasets import DATASET_REF_PATTERN
 from app.webhooks.schemas import WebhookOut
 
 
 Device = Literal["auto", "cpu", "cuda"]
 Id = Annotated[str, Field(pattern=ID_PATTERN)]
-BUILTIN_DATASETS = ("mnist", "fashion-mnist", "digits")
 DatasetRef = Annotated[str, Field(
-    pattern=r"^([0-9a-f]{32}|builtin:(mnist|fashion-mnist|digits))$",
+    pattern=DATASET_REF_PATTERN,
     description="An uploaded dataset's id, or a built-in: builtin:mnist, builtin:fashion-mnist, builtin:digits.")]
 
 

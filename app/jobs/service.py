@@ -22,6 +22,7 @@ from app.jobs.states import JobStatus
 from app.labels import service as labels
 from app.lineage import service as lineage
 from app.methods import MethodConfig, ModelStudent
+from app.methods.datasets import builtin_name, dataset_ref
 from app.models import service as models
 from app.webhooks.policy import check_callback_url
 from app.webhooks.schemas import webhook_out
@@ -42,7 +43,7 @@ def request_digest(body: JobCreate) -> str:
 def to_out(row: JobRow) -> JobOut:
     return JobOut(
         id=row.id, kind=row.kind, status=row.status, model_id=row.model_id,
-        dataset_id=datasets.dataset_id_of(row.dataset_id, row.builtin_dataset),
+        dataset_id=dataset_ref(row.dataset_id, row.builtin_dataset),
         config=row.config, device_requested=row.device_requested, queue=row.queue, progress=row.progress,
         stage=row.stage,
         attempts=row.attempts, max_attempts=row.max_attempts,
@@ -139,8 +140,8 @@ def create(services: Services, session: Session, who: Principal, body: JobCreate
 def _resolve_dataset(session: Session, scope: str | None, body: JobCreate, model: ModelRow
                      ) -> tuple[str | None, str | None]:
     """(uploaded dataset id, built-in name); 422 when the job needs data and names none."""
-    if body.dataset_id and body.dataset_id.startswith(datasets.BUILTIN_PREFIX):
-        builtin = body.dataset_id.removeprefix(datasets.BUILTIN_PREFIX)
+    builtin = builtin_name(body.dataset_id)
+    if builtin is not None:
         _check_labels_fit(model.info or {}, admission.BUILTIN_CLASSES, body.dataset_id)
         return None, builtin
     if body.dataset_id:

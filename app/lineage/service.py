@@ -14,11 +14,11 @@ from app.auth.keys import Principal
 from app.core.errors import Unprocessable
 from app.core.services import Services
 from app.core.tables import JobRow, ModelLabelRow, ModelRow
-from app.datasets.service import dataset_id_of
 from app.labels import service as labels
 from app.lineage import repository as repo
 from app.lineage.schemas import LineageJob, LineageOut, LineageStep
 from app.methods import default_method
+from app.methods.datasets import dataset_ref
 from app.models import repository as models_repo
 from app.models import service as models
 from app.models.inspect import ModelRejected, inspect_model
@@ -83,7 +83,7 @@ def _scoped(row, scope: str | None):
 def _job_out(job: JobRow) -> LineageJob:
     return LineageJob(id=job.id, kind=job.kind, method=(job.config or {}).get("method") or default_method(job.kind) or job.kind, status=job.status,
                       config=job.config or {}, labels=labels.as_dict(job.label_rows),
-                      dataset_id=dataset_id_of(job.dataset_id, job.builtin_dataset),
+                      dataset_id=dataset_ref(job.dataset_id, job.builtin_dataset),
                       created_at=job.created_at, finished_at=job.finished_at)
 
 

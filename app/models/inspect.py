@@ -16,7 +16,9 @@ import pickletools
 import re
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from app.core.zipdir import zip_directory
 
@@ -623,10 +625,11 @@ def _traced_inputs(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo]
     return [TensorSpec(name, t.dtype, list(t.shape)) for name, t in zip(names, examples)]
 
 
-def _pickled_value(data: bytes, where: str):
-    """What a small TorchScript pickle holds, rebuilt from its opcodes without importing or calling anything:
-    strings, numbers, tuples, lists and dicts as themselves, a tensor as ``_Tensor(dtype, shape)``, a type tag as
-    the value it tags; any other object is None. Globals outside TorchScript's own are refused (_check_global)."""
+def _pickled_value(data: bytes, where: str, persistent: Callable[[Any], None] | None = None):
+    """What a TorchScript pickle holds, rebuilt from the opcodes ``pickletools.genops`` decodes, without importing
+    or calling anything: strings, numbers, tuples, lists and dicts as themselves, a tensor as
+    ``_Tensor(dtype, shape)``, a type tag as the value it tags; any other object is None. Globals outside
+    TorchScript's own are refused (_check_global); `persistent` is shown each persistent id (BINPERSID)."""
     stack: list = []
     marks: list[int] = []
     memo: dict = {}
@@ -684,6 +687,8 @@ def _pickled_value(data: bytes, where: str):
                     result[key] = value
         elif name == "BINPERSID":
             result = popped[0]
+            if persistent is not None:
+                persistent(result)
         elif name == "REDUCE":
             result = _reduce(*popped)
         elif not before and opcode.arg is not None:
@@ -969,62 +974,11 @@ _TUPLES = {"EMPTY_TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "TUPLE"}
 
 
 def _storage_numels(data: bytes, where: str = "data.pkl") -> dict[str, int]:
-    """Map storage key -> element count for the torch storages a pickle references.
-
-    Simulates only the pickle stack, from the opcodes ``pickletools.genops`` decodes:
-    strings, numbers, tuples and memo entries are tracked, every other object is a
-    placeholder, and nothing is imported or called. Torch stores a tensor's storage as the
-    persistent id ``('storage', <storage class>, key, location, numel)``. Every global the
-    pickle names must be one TorchScript writes (``_check_global``), else ModelRejected.
-    """
-    stack: list = []
-    marks: list[int] = []
-    memo: dict = {}
+    """Map storage key -> element count for the torch storages a pickle references: torch stores a tensor's
+    storage as the persistent id ``('storage', <storage class>, key, location, numel)``. The pickle is walked by
+    `_pickled_value` (nothing imported or called; a global TorchScript never writes is ModelRejected)."""
     numels: dict[str, int] = {}
-    for opcode, arg, _ in pickletools.genops(data):
-        name = opcode.name
-        if name == "STOP":
-            break
-        if name == "MARK":
-            marks.append(len(stack))
-            continue
-        if name in _MEMO_PUT:
-            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
-            continue
-        if name in _MEMO_GET:
-            stack.append(memo.get(arg))
-            continue
-        if name in ("GLOBAL", "INST"):
-            _check_global(*(arg.split(" ", 1) if " " in arg else (arg, None)), where)
-        elif name.startswith("EXT"):  # the copyreg extension registry: a global by number
-            _check_global(None, None, where)
-
-        before = opcode.stack_before
-        popped: list = []
-        below_mark = len(before)
-        if pickletools.markobject in before:
-            start = marks.pop()
-            popped = stack[start:]
-            del stack[start:]
-            below_mark = before.index(pickletools.markobject)
-        if below_mark:
-            if len(stack) < below_mark:
-                raise ValueError("pickle stack underflow")
-            popped = stack[-below_mark:] + popped
-            del stack[-below_mark:]
-
-        if name == "STACK_GLOBAL":
-            _check_global(*popped, where)
-        if name in _TUPLES:
-            result = tuple(popped)
-        elif name == "BINPERSID":
-            _record_storage(popped[0], numels)
-            result = None
-        elif not before and opcode.arg is not None:
-            result = arg  # a literal: int, str, bytes, float
-        else:
-            result = None
-        stack.extend([result] * len(opcode.stack_after))
+    _pickled_value(data, where, persistent=lambda pid: _record_storage(pid, numels))
     return numels
 
 

@@ -243,7 +243,7 @@ CASES: dict[str, Case] = {
     "unknown_artifact_get": Case(None, 404, "artifact_not_found", (ID_0,), "GET", f"/v1/artifacts/{ID_0}"),
     "unknown_artifact_content": Case(None, 404, "artifact_not_found", (ID_0,), "GET",
                                      f"/v1/artifacts/{ID_0}/content"),
-    # ---- what a method cannot do with the model's format (app/jobs/methods.py: every method reads both formats;
+    # ---- what a method cannot do with the model's format (app/methods: every method reads both formats;
     #      the refusals are output formats and the data a TorchScript model needs for its input shapes)
     "static_int8_cannot_write_torchscript": Case(
         job("quantize", config={"method": "static_int8", "output_format": "torchscript"}), 422,

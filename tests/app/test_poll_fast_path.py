@@ -116,7 +116,7 @@ def test_an_unreachable_database_is_a_503_from_the_fast_path_too(tmp_path, serve
     from app.core.config import Settings
 
     settings = Settings(data_dir=tmp_path, database_url="postgresql+psycopg://postgres@127.0.0.1:1/none",
-                        broker_url="redis://127.0.0.1:1/0", auth="open")
+                        broker_url="redis://127.0.0.1:1/0", auth="open", database_wait_s=0.5)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         fast, route = client.get("/v1/jobs/" + "0" * 32), client.get("/v1/jobs/" + "0" * 32 + "?via=route")
     _same(fast, route)

@@ -244,7 +244,7 @@ def test_jobs_reports_urls_downloads_and_layout_on_the_page(browser, serve):
         ds = c.post("/v1/datasets", files={"file": ("digits.npz", digits_npz_bytes())}).json()
         qjob = submit(c, quantize(model["id"], ds["id"], "static_int8"))
         djob = submit(c, {"kind": "distill", "model_id": model["id"], "dataset_id": ds["id"], "config": {
-            "student": {"arch": "mlp", "hidden": [32]}, "epochs": 4, "lr": 0.01, "compare_baseline": True,
+            "student": {"arch": "mlp", "hidden": [32]}, "epochs": 4, "lr": 0.01, "min_steps": 0, "compare_baseline": True,
             "benchmark": QUICK_BENCH}})
 
         row = f"tr#job-{qjob['id']}"

@@ -90,13 +90,13 @@ def test_time_limit_kills_the_job_not_the_worker(request, tmp_path, start_worker
     from app.main import create_app
 
     # The limit must let the small job after the held one finish on a busy machine.
-    settings = production_settings(request, tmp_path, job_time_limit_s=20.0)
+    settings = production_settings(request, tmp_path, job_time_limit_s=10.0)
     with TestClient(create_app(settings)) as api:
         w = start_worker(settings, "w@test")
         _, job = submit_held(api)
         job, _ = wait_terminal(api, job["id"])
         assert job["status"] == "failed" and job["error"]["code"] == "timeout"
-        assert "time limit of 20 s" in job["error"]["message"]
+        assert "time limit of 10 s" in job["error"]["message"]
         assert w.proc.poll() is None
         model = upload_model(api, mlp_onnx_bytes()).json()
         ds = upload_dataset(api, digits_npz_bytes()).json()

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from app.methods.datasets import BUILTIN_DATASETS
+
 from .core import EngineError
 
-BUILTIN_DATASETS = ("mnist", "fashion-mnist", "digits")
 
 #: Where the Debian package dataset-fashion-mnist puts its files (tests point this at an empty folder).
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
