@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.core.zipdir import zip_directory
+from app.models.torchscript_source import CodeTooLarge, unsafe_call_in_archive
 
 _WINDOW = 256 * 1024  # bytes read at a time when decoding ONNX
 _MAX_STRING = 4096  # longer names are truncated
@@ -556,7 +557,7 @@ def _inspect_archive(archive: zipfile.ZipFile, max_tensor_elements: int) -> Mode
                 )
         params += sum(numels.values())
 
-    _check_torchscript_code(archive, members, root)
+    _check_torchscript_code(archive, root)
 
     storage_dirs = (f"{root}/data/", f"{root}/constants/")
     tensor_count = sum(
@@ -826,69 +827,24 @@ def _single_root(members: list[str]) -> str:
     return tops[0]
 
 
-# TorchScript code is a program: its source (``<root>/code/**.py``) is scanned for calls of operators that read or
-# write files, start processes or use the network, and for operator namespaces and C++ classes outside those that
-# ordinary (float, quantized, mobile-optimized) models use. A first, textual check that refuses such uploads
-# early; the worker checks the compiled graphs of every method (worker/engine/torch_io.py), which is authoritative.
-_DENIED_OPS = {  # name as written in the code -> operator
-    "from_file": "aten::from_file",
-    "save": "aten::save",
-    "rpc_async": "prim::rpc_async",
-    "rpc_sync": "prim::rpc_sync",
-    "rpc_remote": "prim::rpc_remote",
-    "to_here": "aten::to_here",
-    "confirmed_by_owner": "aten::confirmed_by_owner",
-    "local_value": "aten::local_value",
-    "owner_name": "aten::owner_name",
-}
-# names no ordinary model uses for anything else: refused wherever they appear; the others only as an attribute
-# (``torch.save``, ``ops.aten.save``, ``t.save`` after ``t = torch``) or a string (``getattr(torch, "save")``)
-_DISTINCTIVE_OPS = frozenset({"from_file", "rpc_async", "rpc_sync", "rpc_remote", "to_here", "confirmed_by_owner"})
-_ALLOWED_OP_NAMESPACES = frozenset({"aten", "prim", "quantized", "_quantized", "prepacked", "mkldnn_prepacked"})
-_ALLOWED_CLASS_NAMESPACES = frozenset({"quantized", "rnn", "sparse", "xnnpack", "mkldnn"})
-_MAX_CODE_BYTES = 32 * 1024 * 1024
-_CONTINUATION = re.compile(r"\\\r?\n")
-# adjacent string literals ("sa" "ve" is "save" to TorchScript's parser): the quotes between them are dropped
-_ADJACENT_LITERALS = re.compile(r"""["'](?:\s|#[^\n]*)*["']""")
-_OP_NAME = re.compile(r"""(?P<prefix>[.'"]?)\s*\b(?P<name>""" + "|".join(_DENIED_OPS) + r""")\b""")
-_OP_NAMESPACE = re.compile(r"(?<![\w.])(?:torch\s*\.\s*)?ops\s*\.\s*(?P<ns>[A-Za-z_]\w*)")
-_CLASS_NAMESPACE = re.compile(r"\btorch\s*\.\s*classes\s*\.\s*(?P<ns>[A-Za-z_]\w*)")
-
-
-def unsafe_torchscript_call(source: str) -> str | None:
-    """The first operator, operator namespace or C++ class namespace in TorchScript source that is not allowed."""
-    text = _ADJACENT_LITERALS.sub("", _CONTINUATION.sub(" ", source))
-    for match in _OP_NAME.finditer(text):
-        if match["prefix"] or match["name"] in _DISTINCTIVE_OPS:
-            return _DENIED_OPS[match["name"]]
-    for match in _OP_NAMESPACE.finditer(text):
-        if match["ns"] not in _ALLOWED_OP_NAMESPACES:
-            return f"ops.{match['ns']} (operators of the {match['ns']} namespace)"
-    for match in _CLASS_NAMESPACE.finditer(text):
-        if match["ns"] not in _ALLOWED_CLASS_NAMESPACES:
-            return f"torch.classes.{match['ns']} (C++ classes of the {match['ns']} namespace)"
-    return None
-
-
-def _check_torchscript_code(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], root: str) -> None:
-    left = _MAX_CODE_BYTES
-    for name, info in members.items():
-        if not name.startswith(f"{root}/code/") or info.is_dir() or name.endswith(".debug_pkl"):
-            continue
-        with archive.open(info) as member:
-            data = member.read(left + 1)  # bounded even if file_size lies
-        left -= len(data)
-        if left < 0:
-            raise _too_complex(f"The TorchScript code is too large (over {_MAX_CODE_BYTES} bytes).")
-        found = unsafe_torchscript_call(data.decode("utf-8", "replace"))
-        if found is not None:
-            raise ModelRejected(
-                "unsafe_torchscript",
-                f"The TorchScript code in {name[:200]!r} calls {found}, which is not allowed: uploaded TorchScript "
-                "may call only the operators ordinary models use, none that reads or writes files, starts processes "
-                "or uses the network. Export the model without such calls (or to ONNX).",
-                {"member": name[:200], "operator": found},
-            )
+def _check_torchscript_code(archive: zipfile.ZipFile, root: str) -> None:
+    """TorchScript code is a program: its source must call no operator that reads or writes files, starts processes
+    or uses the network, nor an operator namespace or C++ class outside those ordinary models use. A first, textual
+    check that refuses such uploads early (app/models/torchscript_source.py); the worker checks the compiled graphs
+    of every method (worker/engine/torch_io.py), which is authoritative."""
+    try:
+        unsafe = unsafe_call_in_archive(archive, root)
+    except CodeTooLarge as exc:
+        raise _too_complex(f"{str(exc).capitalize()}.") from None
+    if unsafe is not None:
+        name, found = unsafe
+        raise ModelRejected(
+            "unsafe_torchscript",
+            f"The TorchScript code in {name!r} calls {found}, which is not allowed: uploaded TorchScript "
+            "may call only the operators ordinary models use, none that reads or writes files, starts processes "
+            "or uses the network. Export the model without such calls (or to ONNX).",
+            {"member": name, "operator": found},
+        )
 
 
 def _check_expansion(members: dict[str, zipfile.ZipInfo]) -> None:

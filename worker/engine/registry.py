@@ -121,28 +121,21 @@ Handler = Callable[[PreparedJob, Any, RunContext], Artifact]
 
 @dataclass(frozen=True)
 class Method:
+    """A registered method: its config class (which says its kind, name, formats and dataset rule) and handler."""
+
     config_cls: type[MethodConfig]
     handler: Handler
+    kind: str = field(init=False)
+    name: str = field(init=False)
+    input_formats: tuple[str, ...] = field(init=False)
+    output_formats: tuple[str, ...] = field(init=False)
+    needs_dataset: bool = field(init=False)
 
-    @property
-    def kind(self) -> str:
-        return self.config_cls.kind
-
-    @property
-    def name(self) -> str:
-        return self.config_cls.method_name
-
-    @property
-    def input_formats(self) -> tuple[str, ...]:
-        return self.config_cls.input_formats
-
-    @property
-    def output_formats(self) -> tuple[str, ...]:
-        return self.config_cls.output_formats
-
-    @property
-    def needs_dataset(self) -> bool:
-        return self.config_cls.needs_dataset
+    def __post_init__(self) -> None:
+        cls = self.config_cls
+        for attr, value in (("kind", cls.kind), ("name", cls.method_name), ("input_formats", cls.input_formats),
+                            ("output_formats", cls.output_formats), ("needs_dataset", cls.needs_dataset)):
+            object.__setattr__(self, attr, value)
 
 
 _METHODS: dict[tuple[str, str], Method] = {}

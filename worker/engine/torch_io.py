@@ -32,6 +32,13 @@ import onnx
 import torch
 from torch import fx, nn
 
+from app.models.torchscript_source import (
+    ALLOWED_CLASS_NAMESPACES,
+    ALLOWED_OP_NAMESPACES,
+    CodeTooLarge,
+    unsafe_call_in_archive,
+)
+
 from .core import EngineError, first_line
 from .data import Feeds, TensorSpec, synthetic_feeds
 from .measure import rss_peak_growth
@@ -119,10 +126,6 @@ def _archive_root(names: list[str], error_code: str) -> str:
 
 # --- what TorchScript code may call ----------------------------------------------------------------------------
 
-#: Operator namespaces TorchScript emits for ordinary float, quantized and mobile- or inference-optimized models.
-ALLOWED_OP_NAMESPACES = frozenset({"aten", "prim", "quantized", "_quantized", "prepacked", "mkldnn_prepacked"})
-#: Namespaces of the C++ classes (torch.classes.<namespace>.*) whose methods quantized and optimized models call.
-ALLOWED_CLASS_NAMESPACES = frozenset({"quantized", "rnn", "sparse", "xnnpack", "mkldnn"})
 #: Operators of the allowed namespaces that are denied whatever their schema says: the remote-call primitives
 #: (network), Python calls, and aten::load should it ever be registered. `denied_operators` adds those derived from
 #: the registered schemas.
@@ -255,57 +258,22 @@ def _check_method_call(node, obj: torch._C.ScriptModule, self_value, label: str,
     )
 
 
-_DENIED_SOURCE_OPS = {  # an operator's name as TorchScript source writes it -> the operator
-    "from_file": "aten::from_file",
-    "save": "aten::save",
-    "rpc_async": "prim::rpc_async",
-    "rpc_sync": "prim::rpc_sync",
-    "rpc_remote": "prim::rpc_remote",
-    "to_here": "aten::to_here",
-    "confirmed_by_owner": "aten::confirmed_by_owner",
-    "local_value": "aten::local_value",
-    "owner_name": "aten::owner_name",
-}
-_DISTINCTIVE_SOURCE_OPS = frozenset(
-    {"from_file", "rpc_async", "rpc_sync", "rpc_remote", "to_here", "confirmed_by_owner"}
-)
-_MAX_CODE_BYTES = 32 * 1024 * 1024
-_CONTINUATION = re.compile(r"\\\r?\n")
-_ADJACENT_LITERALS = re.compile(r"""["'](?:\s|#[^\n]*)*["']""")
-_SOURCE_OP = re.compile(r"""(?P<prefix>[.'"]?)\s*\b(?P<name>""" + "|".join(_DENIED_SOURCE_OPS) + r""")\b""")
-_SOURCE_OP_NAMESPACE = re.compile(r"(?<![\w.])(?:torch\s*\.\s*)?ops\s*\.\s*(?P<ns>[A-Za-z_]\w*)")
-_SOURCE_CLASS_NAMESPACE = re.compile(r"\btorch\s*\.\s*classes\s*\.\s*(?P<ns>[A-Za-z_]\w*)")
-
-
 def _scan_code(archive: zipfile.ZipFile, root: str, error_code: str) -> None:
     """Before torch.jit.load: the archive's TorchScript source must name no denied operator, operator namespace or
-    C++ class namespace (the same textual check as the upload's, app/models/inspect.py). torch.jit.load itself runs
-    code (a class's __setstate__), so this comes first; the graph check after loading is the authoritative one."""
-    left = _MAX_CODE_BYTES
-    for info in archive.infolist():
-        name = info.filename
-        if not name.startswith(f"{root}/code/") or info.is_dir() or name.endswith(".debug_pkl"):
-            continue
-        with archive.open(info) as member:
-            data = member.read(left + 1)
-        left -= len(data)
-        if left < 0:
-            raise EngineError(error_code, f"the TorchScript code is too large (over {_MAX_CODE_BYTES} bytes)")
-        text = _ADJACENT_LITERALS.sub("", _CONTINUATION.sub(" ", data.decode("utf-8", "replace")))
-        found = next((_DENIED_SOURCE_OPS[m["name"]] for m in _SOURCE_OP.finditer(text)
-                      if m["prefix"] or m["name"] in _DISTINCTIVE_SOURCE_OPS), None)
-        if found is None:
-            found = next((f"operators of the {m['ns']} namespace" for m in _SOURCE_OP_NAMESPACE.finditer(text)
-                          if m["ns"] not in ALLOWED_OP_NAMESPACES), None)
-        if found is None:
-            found = next((f"C++ classes of the {m['ns']} namespace" for m in _SOURCE_CLASS_NAMESPACE.finditer(text)
-                          if m["ns"] not in ALLOWED_CLASS_NAMESPACES), None)
-        if found is not None:
-            raise EngineError(
-                error_code,
-                f"the TorchScript code calls {found}, which is not allowed (it can read or write files, start "
-                f"processes or use the network); in {name[:200]}",
-            )
+    C++ class namespace (the upload's textual check, app/models/torchscript_source.py, run again). torch.jit.load
+    itself runs code (a class's __setstate__), so this comes first; the graph check after loading is the
+    authoritative one."""
+    try:
+        unsafe = unsafe_call_in_archive(archive, root)
+    except CodeTooLarge as exc:
+        raise EngineError(error_code, str(exc)) from None
+    if unsafe is not None:
+        name, found = unsafe
+        raise EngineError(
+            error_code,
+            f"the TorchScript code calls {found}, which is not allowed (it can read or write files, start "
+            f"processes or use the network); in {name}",
+        )
 
 
 def load_torchscript_model(
