@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="example", help="Folder to write into (default: ./example).")
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_example)
-    from app.client.cli import register  # models, datasets, jobs, artifacts, quantize, ... (HTTP, no Settings)
+    from app.client.commands import register  # models, datasets, jobs, artifacts, quantize, ... (HTTP, no Settings)
 
     register(p, sub)
     return p
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "client_func", None) is not None:  # a client command: talks HTTP, needs no Settings
-        from app.client.cli import run
+        from app.client.commands import run
 
         return run(args)
     settings = get_settings()

@@ -29,13 +29,13 @@ from app.core.uploads import sweep_temp_files
 from app.dashboard.endpoints import router as dashboard_router
 from app.datasets.endpoints import router as datasets_router
 from app.jobs.endpoints import router as jobs_router
-from app.jobs.fastpath import JobPollFastPath
-from app.jobs.fastread import JobReader
+from app.jobs.poll_middleware import JobPollFastPath
+from app.jobs.poll_reader import JobReader
 from app.lineage.endpoints import router as lineage_router
 from app.methods import UNION_TAGS
 from app.models.endpoints import router as models_router
 from app.system.endpoints import router as system_router
-from app.workers.endpoints import router as workers_router
+from app.fleet.endpoints import router as workers_router
 
 log = logging.getLogger("distillery.api")
 
@@ -164,7 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_openapi(app)  # the errors every route may answer (401, 422, 429, 503...), declared in the spec
     install_docs(app)  # /docs with Swagger UI's files served from here, not a CDN
-    app.add_middleware(JobPollFastPath)  # GET /v1/jobs/{id} on PostgreSQL, below the router (app/jobs/fastpath.py)
+    app.add_middleware(JobPollFastPath)  # GET /v1/jobs/{id} on PostgreSQL, below the router (app/jobs/poll_middleware.py)
     app.add_middleware(BodyLimitMiddleware)  # JSON bodies (not uploads) are at most JSON_BODY_LIMIT bytes
     app.add_middleware(RequestIdMiddleware)  # X-Request-ID, and request_id on the request's log lines
     # each domain's routes live in its endpoints module (a model's label patch and its jobs with the models, a job's

@@ -162,10 +162,10 @@ GROUPS = [  # (group, regex on the innermost frame's "function (file)") -- first
     ("application code (app/)", r"\(app/"),
 ]
 KEY_FUNCTIONS = {
-    "JobPollFastPath (below the router, app/jobs/fastpath.py)": r"^JobPollFastPath\.__call__ ",
+    "JobPollFastPath (below the router, app/jobs/poll_middleware.py)": r"^JobPollFastPath\.__call__ ",
     "get_job endpoint (app/jobs/endpoints.py)": r"^get_job \(app/jobs/endpoints\.py",
-    "JobReader.job_json (async pool + query, app/jobs/fastread.py)": r"^JobReader\.job_json ",
-    "render (JSON assembly, app/jobs/fastread.py)": r"^render \(app/jobs/fastread\.py",
+    "JobReader.job_json (async pool + query, app/jobs/poll_reader.py)": r"^JobReader\.job_json ",
+    "render (JSON assembly, app/jobs/poll_reader.py)": r"^render \(app/jobs/poll_reader\.py",
     "solve_dependencies (FastAPI DI, incl. their thread hops)": r"^solve_dependencies ",
     "anyio run_sync_in_worker_thread (submitting hops)": r"^AsyncIOBackend\.run_sync_in_worker_thread ",
     "WorkerThread.run (anyio pool threads, all work in them)": r"^WorkerThread\.run ",

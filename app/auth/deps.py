@@ -53,7 +53,7 @@ def _bearer_token(header: str) -> str | None:
 def known_principal(services: Services, header: str | None) -> Principal | None:
     """The caller when it is known without a database query: open mode without a header, or a well-formed Bearer key
     verified (and valid) within `auth_cache_s`. None otherwise; `current_principal` then decides and explains. The
-    poll fast path (app/jobs/fastpath.py) answers only whom this knows and leaves everyone else to the route, so a
+    poll fast path (app/jobs/poll_middleware.py) answers only whom this knows and leaves everyone else to the route, so a
     key that needs a query always meets the failed-attempt limit below first."""
     if header is None:
         return Principal(services.settings.default_owner) if services.settings.auth == "open" else None

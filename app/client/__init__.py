@@ -1,4 +1,4 @@
-"""Distillery's Python SDK (and, in app.client.cli, the client commands of the `distillery` CLI).
+"""Distillery's Python SDK (and, in app.client.commands, the client commands of the `distillery` CLI).
 
     from app.client import Client
     with Client("http://127.0.0.1:8000", api_key=None) as client:

@@ -36,7 +36,7 @@ from app.core.schemas import Page
 from app.datasets.schemas import DatasetOut
 from app.jobs.schemas import JobEventOut, JobOut
 from app.models.schemas import ModelOut
-from app.workers.schemas import CapabilitiesOut
+from app.fleet.schemas import CapabilitiesOut
 
 if TYPE_CHECKING:
     from app.lineage.schemas import LineageOut

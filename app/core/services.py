@@ -50,7 +50,7 @@ class RequestLimit(Protocol):
 
 
 class JobJsonReader(Protocol):
-    """The status-polling read of a job as JSON bytes (app/jobs/fastread.JobReader)."""
+    """The status-polling read of a job as JSON bytes (app/jobs/poll_reader.JobReader)."""
 
     async def open(self) -> None: ...
 

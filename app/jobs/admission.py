@@ -41,7 +41,7 @@ from app.core.tables import DatasetRow, ModelRow
 from app.datasets import repository as datasets_repo
 from app.methods import CnnStudent, MlpStudent, ModelStudent
 from app.models import repository as models_repo
-from app.workers import repository as workers_repo
+from app.fleet import repository as workers_repo
 
 FACTOR = {"quantize": 3.0, "prune": 3.0, "distill": 4.0}
 FINE_TUNE_FACTOR = 4.0

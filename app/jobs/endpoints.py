@@ -1,4 +1,4 @@
-"""The routes of jobs: submit, list, read (also served below the router: app/jobs/fastpath.py), cancel, follow
+"""The routes of jobs: submit, list, read (also served below the router: app/jobs/poll_middleware.py), cancel, follow
 (Server-Sent Events) and label patches.
 
 Each route keeps the OpenAPI tag it has always had: the label patch is tagged `labels`, beside the other label

@@ -26,7 +26,7 @@ from app.methods.datasets import builtin_name, dataset_ref
 from app.models import service as models
 from app.webhooks.policy import check_callback_url
 from app.webhooks.schemas import webhook_out
-from app.workers import repository as workers_repo
+from app.fleet import repository as workers_repo
 
 log = logging.getLogger("distillery.jobs")
 

@@ -262,7 +262,7 @@ def test_junk_keys_are_refused_before_any_query_once_an_address_failed_too_often
 
 
 def test_the_poll_fast_path_and_the_route_refuse_alike(keyed, settings):
-    """GET /v1/jobs/{id}: answered below the router on PostgreSQL (app/jobs/fastpath.py), by the route otherwise or
+    """GET /v1/jobs/{id}: answered below the router on PostgreSQL (app/jobs/poll_middleware.py), by the route otherwise or
     with a query string. A spent address gets the same 429 from both for an unverified key, the same 200 for a
     verified one."""
     client, keys, jobs, db = keyed

@@ -103,7 +103,7 @@ def write_open_mlp_onnx(path: Path) -> Path:
 
 
 def test_importing_the_sdk_loads_nothing_heavy():
-    code = ("import sys, app.client, app.client.cli; "
+    code = ("import sys, app.client, app.client.commands; "
             f"print([m for m in sys.modules if m.split('.')[0] in {HEAVY!r}])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from app.cli import main
-from app.client.cli import json_requested
+from app.client.commands import json_requested
 from tests.app.test_client import JOB, JOB_ID, MODEL, UNAVAILABLE, FakeApi
 from tests.e2e.conftest import free_port
 

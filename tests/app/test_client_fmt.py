@@ -178,7 +178,7 @@ def test_progress_bar_uses_binary_sizes_and_one_decimal():
 def test_cli_text_uses_the_shared_formats():
     from datetime import datetime, timezone
 
-    from app.client.cli import _dataset_text, _job_text, _model_text, _table
+    from app.client.commands import _dataset_text, _job_text, _model_text, _table
 
     now = datetime(2026, 1, 1, tzinfo=timezone.utc)
     spec = SimpleNamespace(name="x", dtype="float32", shape=["N", 64])

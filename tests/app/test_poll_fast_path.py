@@ -1,4 +1,4 @@
-"""`GET /v1/jobs/{id}` below the router (app/jobs/fastpath.py): it answers exactly as the route does, and only when
+"""`GET /v1/jobs/{id}` below the router (app/jobs/poll_middleware.py): it answers exactly as the route does, and only when
 it may (PostgreSQL, a caller known without a query, under the rate limit); the route answers everything else."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 
 from app.auth.keys import create_key
 from app.core.db import Database
-from app.jobs.fastpath import JobPollFastPath
+from app.jobs.poll_middleware import JobPollFastPath
 from app.main import create_app
 from tests.app.test_api_uploads import _error, upload_model
 from tests.conftest import make_settings

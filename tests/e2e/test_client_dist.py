@@ -74,7 +74,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 def test_installs_the_client_alone(client_venv, tmp_path):
     out = client_venv.python_json("""
         import importlib, importlib.metadata as md, importlib.util, json, sys
-        import app, app.client, app.client.cli
+        import app, app.client, app.client.commands
         files = sorted(str(f) for f in md.files("distillery-client") if f.parts[0] == "app" and f.suffix == ".py")
         for f in files:  # every module shipped imports without the server (the lazily imported ones too)
             importlib.import_module(f.removesuffix(".py").removesuffix("/__init__").replace("/", "."))
@@ -99,7 +99,7 @@ def test_installs_the_client_alone(client_venv, tmp_path):
 
     server_version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert out["version"] == server_version  # one version for both distributions
-    assert out["scripts"] == ["app.client.cli:main"]
+    assert out["scripts"] == ["app.client.commands:main"]
 
     # the installed copy, not the checkout; `app` a namespace package holding the client and the schema modules it
     # imports, and nothing of the server

@@ -90,6 +90,26 @@ def wait_until(driver, condition, timeout: float = 60.0, message: str = ""):
         StaleElementReferenceException, IndexError)).until(condition, message)
 
 
+class Cell:
+    """A table cell's text and data-value read in one go: the page re-renders a report when a poll brings news,
+    which would leave a held element stale between two reads."""
+
+    def __init__(self, text: str, value: str | None):
+        self.text, self.value = text, value
+
+    def get_attribute(self, name: str) -> str | None:
+        assert name == "data-value", name
+        return self.value
+
+
+def read_cell(driver, selector: str) -> Cell:
+    got = driver.execute_script(
+        "const e = document.querySelector(arguments[0]);"
+        "return e ? [e.innerText.trim(), e.getAttribute('data-value')] : null;", selector)
+    assert got is not None, f"no element {selector}"
+    return Cell(*got)
+
+
 def css(driver, selector: str):
     from selenium.webdriver.common.by import By
 
@@ -267,8 +287,8 @@ def test_jobs_reports_urls_downloads_and_layout_on_the_page(browser, serve):
     assert "selected" in css(browser, row)[0].get_attribute("class")
     m = qjob["metrics"]
 
-    def cell(metric: str, side: str):
-        return css(browser, f'#metrics td[data-metric="{metric}"][data-side="{side}"]')[0]
+    def cell(metric: str, side: str) -> Cell:
+        return read_cell(browser, f'#metrics td[data-metric="{metric}"][data-side="{side}"]')
 
     # the API's values, written as the CLI writes them
     for side in ("baseline", "result"):

@@ -5,8 +5,8 @@ from sqlalchemy.orm import Session
 
 from app.core.db import cutoff
 from app.core.tables import WorkerRow
-from app.workers import repository as repo
-from app.workers.schemas import CapabilitiesOut, MethodCapability, WorkerOut
+from app.fleet import repository as repo
+from app.fleet.schemas import CapabilitiesOut, MethodCapability, WorkerOut
 
 
 def _worker_out(row: WorkerRow, live: bool) -> WorkerOut:

@@ -3,8 +3,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.core.deps import ServicesDep, SessionDep
-from app.workers import service
-from app.workers.schemas import CapabilitiesOut
+from app.fleet import service
+from app.fleet.schemas import CapabilitiesOut
 
 router = APIRouter(tags=["workers"])
 
