@@ -8,23 +8,28 @@ import pytest
 
 from tests.app.test_api_uploads import upload_dataset, upload_model
 from tests.conftest import make_settings
-from tests.e2e.conftest import FAST, wait_terminal
+from tests.e2e.conftest import FAST, WorkerProc, wait_terminal
 from tests.helpers import digits, digits_npz_bytes, fit_mlp, mlp_onnx_bytes
 
 pytestmark = pytest.mark.slow
 QUICK = {"batch_sizes": [1, 32], "repeats": 5, "warmup": 1}
 
 
-@pytest.fixture
-def api(tmp_path, start_worker):
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    """One service and worker for the module: each test uploads its own model and runs its own jobs."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
 
-    settings = make_settings(tmp_path, "sqlite", "filesystem", **FAST)
+    folder = tmp_path_factory.mktemp("kinds")
+    settings = make_settings(folder, "sqlite", "filesystem", **FAST)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        start_worker(settings, "kinds@test")
-        yield client
+        worker = WorkerProc(settings, "kinds@test", folder / "worker.log", "cpu,gpu")
+        try:
+            yield client
+        finally:
+            worker.discard()
 
 
 def run(api, body) -> dict:
