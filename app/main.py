@@ -136,7 +136,8 @@ def _freeze_startup_heap() -> None:
 
 def build_services(settings: Settings) -> Services:
     """This process's services; the poll reader only on PostgreSQL (SQLite reads jobs through the route)."""
-    reader = JobReader(settings.database_url, wait_s=settings.database_wait_s) if settings.database_url.startswith("postgresql") else None
+    reader = JobReader(settings.database_url, wait_s=settings.database_wait_s) \
+        if settings.database_url.startswith("postgresql") else None
     return Services(settings, Database(settings), make_storage(settings), make_celery(settings),
                     KeyVerifier(settings.auth_cache_s), RateLimiter(settings.rate_limit_per_minute), reader)
 
@@ -164,7 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_openapi(app)  # the errors every route may answer (401, 422, 429, 503...), declared in the spec
     install_docs(app)  # /docs with Swagger UI's files served from here, not a CDN
-    app.add_middleware(JobPollFastPath)  # GET /v1/jobs/{id} on PostgreSQL, below the router (app/jobs/poll_middleware.py)
+    app.add_middleware(JobPollFastPath)  # GET /v1/jobs/{id} on PostgreSQL, below the router (poll_middleware.py)
     app.add_middleware(BodyLimitMiddleware)  # JSON bodies (not uploads) are at most JSON_BODY_LIMIT bytes
     app.add_middleware(RequestIdMiddleware)  # X-Request-ID, and request_id on the request's log lines
     # each domain's routes live in its endpoints module (a model's label patch and its jobs with the models, a job's

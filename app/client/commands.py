@@ -828,7 +828,8 @@ def register(parser: argparse.ArgumentParser, sub) -> None:
                   "report and download the artifact.")
     p.add_argument("--method", required=True, choices=methods_of("quantize"),
                    help="static_int8 needs --dataset (calibration); auto keeps the fastest within the accuracy budget")
-    p.add_argument("--calibration-samples", type=int, default=None, metavar="N", help=f"static_int8 (default {_default(CalibrationConfig, 'samples')})")
+    p.add_argument("--calibration-samples", type=int, default=None, metavar="N",
+                   help=f"static_int8 (default {_default(CalibrationConfig, 'samples')})")
     p.add_argument("--calibration-method", choices=_schema_choices(CalibrationConfig, "method"), default=None)
     p.add_argument("--max-accuracy-drop", type=float, default=None, metavar="F",
                    help=f"accuracy budget as a fraction (default {_default(QuantizeBase, 'max_accuracy_drop')})")
@@ -837,10 +838,13 @@ def register(parser: argparse.ArgumentParser, sub) -> None:
                   "report and download the artifact.")
     p.add_argument("--method", required=True, choices=methods_of("prune"),
                    help="channels: structured (smaller, faster); magnitude: unstructured sparsity")
-    p.add_argument("--ratio", type=float, default=None, help=f"channels removed (channels; default {_default(PruneBase, 'ratio')})")
-    p.add_argument("--sparsity", type=float, default=None, help=f"target sparsity (magnitude; default {_default(PruneBase, 'sparsity')})")
+    p.add_argument("--ratio", type=float, default=None,
+                   help=f"channels removed (channels; default {_default(PruneBase, 'ratio')})")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help=f"target sparsity (magnitude; default {_default(PruneBase, 'sparsity')})")
     p.add_argument("--scope", choices=_schema_choices(PruneBase, "scope"), default=None)
-    p.add_argument("--round-to", type=int, default=None, metavar="N", help=f"kept channels rounded to N (default {_default(PruneBase, 'round_to')})")
+    p.add_argument("--round-to", type=int, default=None, metavar="N",
+                   help=f"kept channels rounded to N (default {_default(PruneBase, 'round_to')})")
     p.add_argument("--fine-tune-epochs", type=int, default=None, metavar="N",
                    help="fine-tune N epochs after pruning (needs --dataset)")
     p.add_argument("--fine-tune-lr", type=float, default=None, metavar="LR",
@@ -851,10 +855,12 @@ def register(parser: argparse.ArgumentParser, sub) -> None:
     p.add_argument("--student", type=_json_object, required=True, metavar="JSON",
                    help='{"arch": "mlp", "hidden": [64]}, {"arch": "cnn", "channels": [8, 16]}, {"shrink": 0.5} '
                         'or {"model_id": "..."}')
-    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {_default(DistillConfig, 'epochs')})")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"training epochs (default {_default(DistillConfig, 'epochs')})")
     p.add_argument("--temperature", type=float, default=None,
                    help=f"softmax temperature (default {_default(DistillConfig, 'temperature')})")
-    p.add_argument("--alpha", type=float, default=None, help=f"weight of the soft-target term (default {_default(DistillConfig, 'alpha')})")
+    p.add_argument("--alpha", type=float, default=None,
+                   help=f"weight of the soft-target term (default {_default(DistillConfig, 'alpha')})")
     p.add_argument("--lr", type=float, default=None, help=f"(default {_default(DistillConfig, 'lr')})")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"(default {_default(DistillConfig, 'batch_size')})")

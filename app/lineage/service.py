@@ -81,7 +81,9 @@ def _scoped(row, scope: str | None):
 
 
 def _job_out(job: JobRow) -> LineageJob:
-    return LineageJob(id=job.id, kind=job.kind, method=(job.config or {}).get("method") or default_method(job.kind) or job.kind, status=job.status,
+    # a job stored before its kind's config named the method (distill) shows the kind's default
+    method = (job.config or {}).get("method") or default_method(job.kind) or job.kind
+    return LineageJob(id=job.id, kind=job.kind, method=method, status=job.status,
                       config=job.config or {}, labels=labels.as_dict(job.label_rows),
                       dataset_id=dataset_ref(job.dataset_id, job.builtin_dataset),
                       created_at=job.created_at, finished_at=job.finished_at)
