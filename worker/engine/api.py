@@ -103,13 +103,8 @@ def compress(model: Model, config: MethodConfig, *, device: str = "cpu", work_di
     """Run the method `config` configures (any kind) on `model`; the artifact is written under `work_dir` (a new
     temporary folder when None). `student`: the student model file of a distill config with a model_id student."""
     method = find_method(config.kind, config.method_name)
-    if model.format not in method.input_formats:
-        raise EngineError("unsupported", f"{method.kind} method {method.name!r} does not accept {model.format} "
-                                         f"models (it accepts: {', '.join(method.input_formats)})")
-    try:
-        output_format = config.resolve_output_format(model.format)
-    except ValueError as exc:
-        raise EngineError("unsupported", str(exc)) from None
+    _check_input_format(method, model.format)
+    output_format = _output_format(config, model.format)
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="distillery-"))
     ctx = replace(ctx, device=device, work_dir=work) if ctx is not None else RunContext(device=device, work_dir=work)
     scratch = work / SCRATCH_DIR
@@ -153,9 +148,8 @@ def measure(model: Model, artifact: Artifact, *, benchmark: BenchmarkConfig | No
     ctx = replace(ctx, device=job.device, work_dir=job.work_dir) if ctx is not None else RunContext(
         device=job.device, work_dir=job.work_dir)
     checkpoint(ctx, 0.0, "verifying the artifact")
-    sample = batch_of(job.evaluation.feeds, fixed_batch_size(job.inputs) or min(VERIFY_ROWS, len(job.evaluation)))
-    result = verify_artifact(artifact.path, artifact.format, job.work_dir, job.device, sample,
-                             job.runner(job.model_format).run(sample), job.inputs)
+    result = verify_artifact(artifact.path, artifact.format, job.work_dir, job.device, job.sample, job.reference,
+                             job.inputs)
     same_runtime = None
     if artifact.format != job.model_format:
         checkpoint(ctx, 0.04, f"converting the original model to {artifact.format} for a like-with-like comparison")
@@ -220,6 +214,7 @@ def _prepare(model: Model, config: MethodConfig, output_format: str, ctx: RunCon
         model=loaded, model_format=model.format, dataset=dataset, evaluation=evaluation, output_format=output_format,
         device=ctx.device, work_dir=Path(ctx.work_dir), scratch_dir=scratch, builtin_dataset=model.builtin_dataset,
         student_model_path=student, student_model_format=student_format, runners={model.format: baseline},
+        sample=sample, reference=reference,
     )
 
 
@@ -232,15 +227,21 @@ def resolve_method(spec: JobSpec) -> tuple[Method, MethodConfig, str]:
         raise EngineError(
             "unsupported", f"model format {spec.model_format!r} is not supported (known: {', '.join(MODEL_FORMATS)})"
         )
-    if spec.model_format not in method.input_formats:
-        raise EngineError(
-            "unsupported",
-            f"{method.kind} method {method.name!r} does not accept {spec.model_format} models "
-            f"(it accepts: {', '.join(method.input_formats)})",
-        )
+    _check_input_format(method, spec.model_format)
     config = parse_method_config(method, spec.config)
+    return method, config, _output_format(config, spec.model_format)
+
+
+def _check_input_format(method: Method, model_format: str) -> None:
+    if model_format not in method.input_formats:
+        raise EngineError("unsupported", f"{method.kind} method {method.name!r} does not accept {model_format} "
+                                         f"models (it accepts: {', '.join(method.input_formats)})")
+
+
+def _output_format(config: MethodConfig, model_format: str) -> str:
+    """The artifact's format (MethodConfig.resolve_output_format), or EngineError("unsupported")."""
     try:
-        return method, config, config.resolve_output_format(spec.model_format)
+        return config.resolve_output_format(model_format)
     except ValueError as exc:
         raise EngineError("unsupported", str(exc)) from None
 

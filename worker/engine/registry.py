@@ -61,6 +61,10 @@ class PreparedJob:
     student_model_path: Path | None = None
     student_model_format: str | None = None
     runners: dict[str, Runner] = field(default_factory=dict, repr=False, compare=False)
+    #: The rows the original model was run on once before the method, and its outputs: the artifact is verified
+    #: against them.
+    sample: Feeds = field(default_factory=dict, repr=False, compare=False)
+    reference: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def inputs(self):
